@@ -1,0 +1,39 @@
+"""penni: PENNI model compression (pruned kernel sharing, ICML 2020) in pure PyTorch.
+
+A few calls around your own model and training loop::
+
+    model = penni.decompose(model, d=5)                      # k x k convs -> basis + coefficients
+    loss = criterion(out, y) + lam * penni.l1_penalty(model)  # sparse retraining
+    penni.prune(model, rule="std", s=1.0)                     # zero small coefficients, masks held
+    small = penni.shrink(model, example_inputs)               # drop dead channels and bases
+"""
+from .conv import FORWARD_MODES, PenniConv2d, penni_layers, set_forward_mode
+from .decompose import decompose, svd_factors
+from .masking import bake_masks, hold_mask
+from .prune import coefficient_sparsity, hold_zeros, prune
+from .recipe import Recipe, get_recipe, set_constructor
+from .regularization import l1_penalty
+from .schedule import AlternatingSchedule
+
+__all__ = [
+    "PenniConv2d", "FORWARD_MODES", "set_forward_mode", "penni_layers",
+    "decompose", "svd_factors", "l1_penalty", "AlternatingSchedule",
+    "prune", "hold_zeros", "hold_mask", "bake_masks", "coefficient_sparsity",
+    "Recipe", "get_recipe", "set_constructor",
+]
+
+try:  # modules written alongside; imported when present
+    from .shrink import shrink  # noqa: F401
+    __all__.append("shrink")
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from .profile import profile  # noqa: F401
+    __all__.append("profile")
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from .serialization import load, save  # noqa: F401
+    __all__ += ["save", "load"]
+except ImportError:  # pragma: no cover
+    pass
