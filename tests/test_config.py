@@ -1,0 +1,307 @@
+"""Tests for pipeline/config.py: loading, validation, overrides, fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as C
+from pipeline.config import (
+    STAGES,
+    ConfigError,
+    PipelineConfig,
+    TrainConfig,
+    dump_yaml,
+    flatten,
+    load_config,
+    section_fingerprint,
+    to_dict,
+)
+
+SHIPPED = ["quickstart", "tiny", "fashion_vgg16", "fashion_resnet18", "imagenet_resnet50"]
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load(name):
+    path = C.CONFIG_DIR / f"{name}.yaml"
+    assert path.is_file()
+    by_name = load_config(name)
+    by_path = load_config(str(path))
+    assert by_name == by_path
+    assert by_name.name == name
+    # round trip through dump_yaml/JSON
+    json.dumps(to_dict(by_name))
+
+
+def test_no_unlisted_shipped_configs():
+    assert sorted(C.available_configs()) == sorted(SHIPPED)
+
+
+def test_defaults_equal_quickstart():
+    assert load_config() == PipelineConfig()
+    assert load_config(None) == load_config("quickstart")
+    cfg = PipelineConfig()
+    assert cfg.model.arch == "fashion_cnn"
+    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (4, 3, 2)
+    assert isinstance(cfg.finetune, TrainConfig)
+
+
+def test_partial_section_keeps_section_defaults(tmp_path):
+    # finetune.epochs given, finetune.lr must stay at the *finetune* default, not TrainConfig's
+    p = _write(tmp_path, "finetune:\n  epochs: 7\nshrink:\n")
+    cfg = load_config(p)
+    assert cfg.finetune.epochs == 7
+    assert cfg.finetune.lr == PipelineConfig().finetune.lr == 0.005
+    assert cfg.shrink.enabled is True
+    assert load_config(_write(tmp_path, "", "empty.yaml")) == PipelineConfig()
+
+
+def test_shipped_imagenet_values():
+    cfg = load_config("imagenet_resnet50")
+    assert cfg.model.arch == "torchvision:resnet50"
+    assert cfg.model.num_classes == 1000 and cfg.model.in_channels == 3
+    assert cfg.baseline.epochs == 0
+    assert cfg.data.dataset == "parquet" and cfg.data.image_size == 224
+    assert cfg.ray.num_workers == 8 and cfg.ray.use_gpu is True
+    assert cfg.retrain.l1 == 5e-5 and cfg.retrain.start_with == "joint"
+    assert cfg.retrain.include_pointwise and cfg.prune.include_pointwise
+    assert cfg.retrain.amp == "auto" and cfg.retrain.channels_last == "auto"
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    cfg = load_config(
+        "quickstart",
+        [
+            "retrain.l1=5e-5",
+            "decompose.exclude=[conv1]",
+            "ray.address=null",
+            "ray.use_gpu=true",
+            "ray.cpus_per_worker=2",  # int accepted by a float field
+            "decompose.d={conv1: 3, features.3: 2}",
+            "model.kwargs.width=32",
+            "baseline.amp=off",  # not YAML 1.1's False
+            "name=my-run_1.b",
+        ],
+    )
+    assert cfg.retrain.l1 == 5e-5 and isinstance(cfg.retrain.l1, float)
+    assert cfg.decompose.exclude == ["conv1"]
+    assert cfg.ray.address is None and cfg.ray.use_gpu is True
+    assert cfg.ray.cpus_per_worker == 2.0 and isinstance(cfg.ray.cpus_per_worker, float)
+    assert cfg.decompose.d == {"conv1": 3, "features.3": 2}
+    assert cfg.model.kwargs == {"width": 32}
+    assert cfg.baseline.amp == "off"
+    assert cfg.name == "my-run_1.b"
+
+
+def test_yaml_scientific_notation_is_float(tmp_path):
+    cfg = load_config(_write(tmp_path, "retrain:\n  l1: 1e-4\n  lr: 1\n"))
+    assert cfg.retrain.l1 == 1e-4
+    assert cfg.retrain.lr == 1.0 and isinstance(cfg.retrain.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("data.batch_size=true", "data.batch_size"),
+        ("data.batch_size='128'", "data.batch_size"),
+        ("seed=1.0", "seed"),
+        ("ray.use_gpu=1", "ray.use_gpu"),
+        ("ray.use_gpu=yes", "ray.use_gpu"),
+        ("retrain.lr=abc", "retrain.lr"),
+        ("retrain.lr=true", "retrain.lr"),
+        ("retrain.lr=0", "retrain.lr"),
+        ("retrain.l1=-1e-4", "retrain.l1"),
+        ("retrain.start_with=both", "retrain.start_with"),
+        ("retrain.alternate_every=0", "retrain.alternate_every"),
+        ("baseline.epochs=-1", "baseline.epochs"),
+        ("baseline.optimizer=adam", "baseline.optimizer"),
+        ("baseline.amp=fp16", "baseline.amp"),
+        ("baseline.channels_last=maybe", "baseline.channels_last"),
+        ("baseline.milestones=[0.8, 0.4]", "baseline.milestones"),
+        ("baseline.milestones=[0.5, 1.0]", "baseline.milestones"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("data.val_fraction=1", "data.val_fraction"),
+        ("data.dataset=cifar10", "data.dataset"),
+        ("ray.num_workers=0", "ray.num_workers"),
+        ("prune.s=0", "prune.s"),
+        ("prune.rule=sparsity", "prune.target"),
+        ("name=has space", "name"),
+        ("name=a/b", "name"),
+        ("decompose.d=0", "decompose.d"),
+        ("decompose.d=2.5", "decompose.d"),
+        ("decompose.d={conv1: 0}", "decompose.d"),
+        ("decompose.d={conv1: 1.5}", "decompose.d"),
+        ("decompose.exclude=conv1", "decompose.exclude"),
+        ("evaluate.latency_batch_sizes=[0]", "evaluate.latency_batch_sizes"),
+        ("shrink.enabled=null", "shrink.enabled"),
+        ("data.dataset=parquet", "data.root"),
+    ],
+)
+def test_bad_values_rejected(override, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert len(exc.value.errors) == 1, exc.value.errors
+    assert exc.value.errors[0].startswith(f"{key}"), exc.value.errors
+    assert isinstance(exc.value, ValueError)
+
+
+def test_sparsity_with_target_ok():
+    cfg = load_config(None, ["prune.rule=sparsity", "prune.target=0.9"])
+    assert cfg.prune.target == 0.9
+    with pytest.raises(ConfigError, match="prune.target"):
+        load_config(None, ["prune.rule=sparsity", "prune.target=1.5"])
+
+
+def test_unknown_yaml_key_names_full_key(tmp_path):
+    p = _write(tmp_path, "retrain:\n  epochs: 2\n  l2: 0.1\nstages: [baseline]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert "retrain.l2" in msg and "retrain.l1" in msg  # key and suggestion
+    assert "stages" in msg
+    assert str(p) in msg
+    assert len(exc.value.errors) == 2
+
+
+def test_unknown_override_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["data.batchsize=64"])
+    (err,) = exc.value.errors
+    assert err.startswith("data.batchsize")
+    assert "data.batch_size" in err  # difflib suggestion
+    with pytest.raises(ConfigError, match="retrain.lr.x"):
+        load_config(None, ["retrain.lr.x=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["retrain.lr"])
+
+
+def test_multiple_errors_reported_together(tmp_path):
+    p = _write(
+        tmp_path,
+        """
+        seed: 1.5
+        data:
+          batch_size: 0
+          colour: red
+        ray:
+          use_gpu: "yes"
+        """,
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["retrain.l1=-1", "nosuch.key=1"])
+    errors = exc.value.errors
+    keys = [e.split(":")[0].split(" ")[0] for e in errors]
+    for k in ["seed", "data.batch_size", "data.colour", "ray.use_gpu", "retrain.l1", "nosuch"]:
+        assert any(x.startswith(k) for x in keys), (k, errors)
+    assert len(errors) == 6
+    # one problem per line
+    lines = [line for line in str(exc.value).splitlines() if line.startswith("  - ")]
+    assert len(lines) == 6
+
+
+def test_duplicate_yaml_key_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(_write(tmp_path, "seed: 1\nseed: 2\n"))
+
+
+def test_missing_config_file_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="quickstart"):  # lists available names
+        load_config("no_such_config")
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_fingerprint_dependencies():
+    base = load_config()
+    changed = load_config(None, ["finetune.epochs=9"])
+    assert section_fingerprint(base, "finetune") != section_fingerprint(changed, "finetune")
+    for stage in ["baseline", "decompose", "retrain", "prune", "shrink", "evaluate", "report"]:
+        assert section_fingerprint(base, stage) == section_fingerprint(changed, stage), stage
+
+    # values that must not invalidate the baseline
+    for ov in ["ray.address=auto", "ray.num_workers=4", "tracking.uri=http://x:5000",
+               "name=other", "storage=/tmp/elsewhere", "ray.in_process=true"]:
+        other = load_config(None, [ov])
+        assert section_fingerprint(base, "baseline") == section_fingerprint(other, "baseline"), ov
+    # values that must
+    for ov in ["seed=1", "ray.use_gpu=true", "data.batch_size=64", "model.kwargs.width=8",
+               "baseline.lr=0.1"]:
+        other = load_config(None, [ov])
+        assert section_fingerprint(base, "baseline") != section_fingerprint(other, "baseline"), ov
+    assert section_fingerprint(base, "retrain") != section_fingerprint(
+        load_config(None, ["data.train_subset=100"]), "retrain"
+    )
+    assert section_fingerprint(base, "decompose") != section_fingerprint(
+        load_config(None, ["decompose.d=4"]), "decompose"
+    )
+    # int vs float spelling of the same value is the same config
+    assert section_fingerprint(base, "retrain") == section_fingerprint(
+        load_config(None, ["retrain.l1=0.0001"]), "retrain"
+    )
+    fps = {section_fingerprint(base, s) for s in STAGES}
+    assert len(fps) == len(STAGES)
+    assert all(len(f) == 64 and int(f, 16) >= 0 for f in fps)
+    with pytest.raises(ValueError):
+        section_fingerprint(base, "nope")
+
+
+def test_stages_constant():
+    assert STAGES == ("baseline", "decompose", "retrain", "prune", "finetune", "shrink",
+                      "evaluate", "report")
+    assert set(C.STAGE_DEPENDENCIES) == set(STAGES)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_flatten_is_mlflow_safe(name):
+    cfg = load_config(name)
+    flat = flatten(cfg)
+    assert flat["retrain.l1"] == cfg.retrain.l1
+    assert flat["decompose.exclude"] == json.dumps(cfg.decompose.exclude)
+    assert "model.kwargs" in flat and "baseline.checkpoint" in flat
+    for k, v in flat.items():
+        assert isinstance(k, str) and k and len(k) <= 250
+        assert type(v) in (str, int, float, bool), (k, v)
+        assert len(str(v)) <= 500
+    assert len(flat) == len(set(flat))
+
+
+def test_to_dict_and_dump_yaml_round_trip(tmp_path):
+    cfg = load_config("imagenet_resnet50", ["decompose.d={layer1.0.conv2: 3}", "baseline.amp=off"])
+    d = to_dict(cfg)
+    assert json.loads(json.dumps(d)) == d
+    p = tmp_path / "dumped.yaml"
+    p.write_text(dump_yaml(cfg))
+    assert load_config(p) == cfg
+    assert C.from_dict(d) == cfg
+    assert C.apply_overrides(cfg, ["seed=3"]).seed == 3 and cfg.seed == 0
+
+
+def test_dataclass_defaults_are_not_shared():
+    a, b = PipelineConfig(), PipelineConfig()
+    a.decompose.exclude.append("conv1")
+    a.model.kwargs["x"] = 1
+    assert b.decompose.exclude == [] and b.model.kwargs == {}
+    assert dataclasses.is_dataclass(a.retrain) and isinstance(a.retrain, TrainConfig)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, pipeline.config as c; c.load_config(); "
+        "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
