@@ -1,0 +1,561 @@
+"""save(model, path) / load(path): tensors in safetensors, the architecture as a JSON recipe.
+
+A penni checkpoint is one safetensors file. Its tensors are the model's state dict under the
+plain names (a held mask's *effective* value ``original * mask`` is saved as ``<layer>.<tensor>``,
+never as ``parametrizations.*.original``) plus one tensor ``<layer>.<tensor>::mask`` per held
+mask. Its metadata holds ``penni_format`` and ``penni_recipe``: the JSON recipe (which
+constructor built the model with which arguments, which layers were decomposed with which d,
+which channels and bases were kept, which layers were given a bias).
+
+``load`` rebuilds the model by replaying the recipe, loads the tensors and holds the masks again,
+so a checkpoint of a pruned model resumes fine-tuning with its masks held. Nothing is ever
+unpickled: a ``torch.save`` file is refused with :class:`PenniFormatError`, and the constructor is
+imported only from the ``penni.*`` and ``torchvision.models.*`` namespaces unless the caller
+passes it in ``factories``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import struct
+import tempfile
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .conv import PenniConv2d
+from .decompose import decompose
+from .masking import HeldMask, get_mask, hold_mask, iter_masks
+from .recipe import RECIPE_ATTR, Recipe, get_recipe
+from .slicing import add_bias, slice_in, slice_out, slice_penni_basis
+
+__all__ = [
+    "PenniFormatError", "save", "load", "save_state", "load_state", "recipe_json", "read_metadata",
+    "FORMAT_VERSION", "ALLOWED_FACTORY_NAMESPACES", "MASK_SUFFIX",
+]
+
+FORMAT_VERSION = "1"
+FORMAT_KEY = "penni_format"
+RECIPE_KEY = "penni_recipe"
+MODES_KEY = "penni_forward_modes"
+RESERVED_PREFIX = "penni_"
+MASK_SUFFIX = "::mask"
+ALLOWED_FACTORY_NAMESPACES: tuple[str, ...] = ("penni", "torchvision.models")
+
+_CONVERT_HINT = (
+    "To convert a checkpoint you trust: in a trusted environment, build the model, load the file "
+    "yourself (e.g. model.load_state_dict(torch.load(path, weights_only=True))) and write it with "
+    "penni.save(model, 'model.safetensors')."
+)
+
+
+class PenniFormatError(ValueError):
+    """The file is not a penni checkpoint penni is willing to load (pickle, foreign data, bad recipe)."""
+
+
+# --------------------------------------------------------------------------------------------
+# model <-> tensors
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(state under plain names with parametrized tensors' effective values, masks)``."""
+    state = dict(model.state_dict())
+    masks: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations.keys()):
+            full = _join(module_name, tensor_name)
+            prefix = _join(module_name, f"parametrizations.{tensor_name}.")
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            with torch.no_grad():
+                state[full] = getattr(module, tensor_name).detach()
+            mask = get_mask(module, tensor_name)
+            if mask is not None:
+                masks[full + MASK_SUFFIX] = mask.detach()
+    return state, masks
+
+
+def _tensors_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Effective state + masks, as independent contiguous CPU tensors (safetensors refuses
+    tensors that share memory, e.g. tied weights, and non-contiguous ones)."""
+    state, masks = _effective_state(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for key, tensor in {**state, **masks}.items():
+        t = tensor.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"cannot save {key!r}: it is a meta tensor (no data)")
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.cpu()
+        storage = (t.device.type, t.untyped_storage().data_ptr()) if t.numel() else None
+        if (storage is not None and storage in seen) or not t.is_contiguous():
+            t = t.contiguous().clone()
+        elif storage is not None:
+            seen.add(storage)
+        out[key] = t
+    return out
+
+
+def _split_masks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    state = {k: v for k, v in tensors.items() if not k.endswith(MASK_SUFFIX)}
+    masks = {k[: -len(MASK_SUFFIX)]: v for k, v in tensors.items() if k.endswith(MASK_SUFFIX)}
+    orphans = sorted(set(masks) - set(state))
+    if orphans:
+        raise PenniFormatError(f"masks without a tensor: {orphans[:5]}")
+    return state, masks
+
+
+def _check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a readable error unless ``state`` has exactly the model's names and shapes."""
+    expected, _ = _effective_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"shape mismatches: {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+        raise PenniFormatError(f"{what} do not fit the model ({len(missing)} missing, {len(unexpected)} "
+                               f"unexpected, {len(wrong)} wrong shapes): " + "; ".join(parts))
+
+
+def _drop_held_masks(model: nn.Module) -> None:
+    for module_name, module, tensor_name, _ in list(iter_masks(model)):
+        if not all(isinstance(p, HeldMask) for p in module.parametrizations[tensor_name]):
+            raise ValueError(f"{_join(module_name, tensor_name)} has parametrizations other than a held mask; "
+                             "penni cannot load tensors into it")
+        # keeps the same Parameter object, so optimizers built before loading stay valid
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+
+def _adopt_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give the model's tensors the dtypes of the file (in place, keeping tied tensors tied)."""
+    for key, value in state.items():
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        target = getattr(module, name)
+        if isinstance(target, torch.Tensor) and target.dtype != value.dtype:
+            target.data = target.data.to(value.dtype)
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, adopt_dtypes: bool) -> None:
+    state, masks = _split_masks(tensors)
+    _check_fit(model, state, what)
+    _drop_held_masks(model)
+    if adopt_dtypes:
+        _adopt_dtypes(model, state)
+    model.load_state_dict(state, strict=True)
+    for full, mask in masks.items():
+        module_name, _, tensor_name = full.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        hold_mask(module, tensor_name, mask)
+
+
+def _forward_modes(model: nn.Module) -> dict[str, str]:
+    return {name: m.forward_mode for name, m in model.named_modules()
+            if isinstance(m, PenniConv2d) and m.forward_mode != "reconstruct"}
+
+
+def _restore_forward_modes(model: nn.Module, modes: Mapping[str, str] | None) -> None:
+    """Set the saved forward modes (``None``: keep the model's); "dense" layers re-bake their kernels."""
+    for name, m in model.named_modules():
+        if isinstance(m, PenniConv2d):
+            mode = m.forward_mode if modes is None else modes.get(name, "reconstruct")
+            if mode != "reconstruct" or m.forward_mode != "reconstruct":
+                m.set_forward_mode(mode)
+
+
+# --------------------------------------------------------------------------------------------
+# recipe
+
+
+def _normalize_constructor(constructor: Any) -> dict[str, Any]:
+    if isinstance(constructor, Mapping):
+        factory, kwargs = constructor.get("factory"), constructor.get("kwargs", {})
+    elif isinstance(constructor, (tuple, list)) and len(constructor) == 2:
+        factory, kwargs = constructor
+    else:
+        raise TypeError(f"constructor must be ('package.module:callable', kwargs), got {constructor!r}")
+    if not isinstance(factory, str) or ":" not in factory:
+        raise ValueError(f"factory must look like 'package.module:callable', got {factory!r}")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"constructor kwargs must be a dict, got {type(kwargs).__name__}")
+    return {"factory": factory, "kwargs": dict(kwargs or {})}
+
+
+def _recipe_dict(model: nn.Module, constructor: Any = None) -> dict[str, Any]:
+    model = _unwrap(model)
+    recipe = getattr(model, RECIPE_ATTR, None) or Recipe()
+    data = recipe.to_dict()
+    if constructor is not None:
+        data["constructor"] = _normalize_constructor(constructor)
+    if data.get("constructor") is None:
+        raise ValueError(
+            f"penni does not know how to rebuild this {type(model).__name__}: build it with "
+            "penni.models.build_model, call penni.set_constructor(model, 'package.module:callable', **kwargs) "
+            "before decomposing, or pass constructor=('package.module:callable', kwargs) to save")
+    data["constructor"] = _normalize_constructor(data["constructor"])
+    data["decomposed"] = {str(k): int(v) for k, v in data["decomposed"].items()}
+    data["kept"] = {str(layer): {str(axis): [int(i) for i in idx] for axis, idx in axes.items()}
+                    for layer, axes in data["kept"].items()}
+    data["added_bias"] = [str(layer) for layer in data["added_bias"]]
+    return data
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def recipe_json(model: nn.Module, constructor: Any = None) -> str:
+    """The JSON recipe ``save`` would embed for ``model`` (canonical: sorted keys, compact)."""
+    data = _recipe_dict(model, constructor)
+    try:
+        return _dumps(data)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"the constructor arguments of {data['constructor']['factory']} must be plain JSON data "
+            f"(str, int, float, bool, None, lists, dicts) to be saved: {err}") from err
+
+
+def _resolve_factory(factory: str, factories: Mapping[str, Callable] | None, allow_any: bool) -> Callable:
+    if factories and factory in factories:
+        fn = factories[factory]
+        if not callable(fn):
+            raise TypeError(f"factories[{factory!r}] is not callable")
+        return fn
+    module_name, _, attr = factory.partition(":")
+    allowed = any(module_name == ns or module_name.startswith(ns + ".") for ns in ALLOWED_FACTORY_NAMESPACES)
+    if not allowed and not allow_any:
+        raise PenniFormatError(
+            f"the recipe's constructor {factory!r} is outside the namespaces penni.load imports from "
+            f"({', '.join(n + '.*' for n in ALLOWED_FACTORY_NAMESPACES)}); if you trust it, pass it "
+            f"explicitly: penni.load(path, factories={{{factory!r}: your_callable}})")
+    if not module_name or not attr or any(not p or p.startswith("_") for p in attr.split(".")):
+        raise PenniFormatError(f"bad constructor {factory!r}: expected 'package.module:callable'")
+    try:
+        fn: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as err:
+        raise PenniFormatError(f"cannot import the recipe's constructor {factory!r}: {err}") from err
+    if not callable(fn):
+        raise PenniFormatError(f"the recipe's constructor {factory!r} is not callable")
+    return fn
+
+
+def _replay(recipe: Recipe, factories: Mapping[str, Callable] | None, allow_any: bool = False,
+            build: Callable[[Callable[[], nn.Module]], nn.Module] | None = None) -> nn.Module:
+    """Build the model the recipe describes (tensors uninitialized / random)."""
+    if not recipe.constructor:
+        raise PenniFormatError("the recipe has no constructor")
+    constructor = _normalize_constructor(recipe.constructor)
+    fn = _resolve_factory(constructor["factory"], factories, allow_any)
+    kwargs = constructor["kwargs"]
+    model = build(lambda: fn(**kwargs)) if build is not None else fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise PenniFormatError(f"the constructor {constructor['factory']} returned a {type(model).__name__}, "
+                               "not a torch.nn.Module")
+    model = _unwrap(model)
+    if recipe.decomposed:
+        decompose(model, d=dict(recipe.decomposed), init="empty")
+        done = get_recipe(model).decomposed
+        wrong = {k: v for k, v in recipe.decomposed.items() if done.get(k) != v}
+        if wrong:
+            raise PenniFormatError(f"the recipe decomposes layers that the rebuilt model cannot decompose "
+                                   f"that way: {sorted(wrong)[:5]}")
+    modules = dict(model.named_modules())
+    for layer, axes in recipe.kept.items():
+        module = modules.get(layer)
+        if module is None:
+            raise PenniFormatError(f"the recipe slices layer {layer!r}, which the rebuilt model does not have")
+        unknown = set(axes) - {"basis", "out", "in"}
+        if unknown:
+            raise PenniFormatError(f"unknown slicing axes {sorted(unknown)} for layer {layer!r}")
+        try:
+            if "basis" in axes:
+                if not isinstance(module, PenniConv2d):
+                    raise TypeError(f"it is a {type(module).__name__}, not a PenniConv2d")
+                slice_penni_basis(module, torch.as_tensor(axes["basis"], dtype=torch.long))
+            if "out" in axes:
+                slice_out(module, axes["out"])
+            if "in" in axes:
+                slice_in(module, axes["in"])
+        except (IndexError, RuntimeError, TypeError, ValueError) as err:
+            raise PenniFormatError(f"cannot replay the kept indices of layer {layer!r}: {err}") from err
+    for layer in recipe.added_bias:
+        module = modules.get(layer)
+        if module is None or not hasattr(module, "bias"):
+            raise PenniFormatError(f"the recipe adds a bias to {layer!r}, which the rebuilt model lacks "
+                                   "or which takes no bias")
+        if module.bias is None:
+            ref = module.coefficients if isinstance(module, PenniConv2d) else module.weight
+            count = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+            if count is None:
+                raise PenniFormatError(f"cannot tell the output size of {layer!r} to add its bias")
+            add_bias(module, torch.zeros(count, dtype=ref.dtype, device=ref.device))
+    return model
+
+
+def _verify(model: nn.Module, recipe_text: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Replay the recipe on the meta device and check it gives the names and shapes being saved."""
+    recipe = Recipe.from_dict(json.loads(recipe_text))
+
+    def on_meta(make: Callable[[], nn.Module]) -> nn.Module:
+        try:
+            with torch.device("meta"):
+                return make()
+        except Exception:  # some constructors need real data: build it for real
+            return make()
+
+    try:
+        replayed = _replay(recipe, None, allow_any=True, build=on_meta)
+        state, _ = _split_masks(dict(tensors))
+        _check_fit(replayed, state, "the tensors being saved")
+    except Exception as err:
+        raise ValueError(
+            f"the recipe of this {type(model).__name__} does not rebuild it, so the file could not be "
+            f"loaded: {err}. Were layers changed outside penni (decompose/shrink)? Record such edits "
+            "in the constructor, or pass verify=False to save anyway") from err
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str; entry {key!r}: {type(value).__name__} "
+                            "(encode other values yourself, e.g. with json.dumps)")
+        if key.startswith(RESERVED_PREFIX):
+            raise ValueError(f"metadata key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved for penni")
+    return dict(metadata)
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write to a temporary file next to ``path``, then rename: ``path`` is never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _write(model: nn.Module, path: Any, metadata: Mapping[str, str] | None,
+           recipe_text: str | None, verify: bool) -> None:
+    user = _check_metadata(metadata)
+    model = _unwrap(model)
+    tensors = _tensors_for_file(model)
+    meta = {**user, FORMAT_KEY: FORMAT_VERSION}
+    if recipe_text is not None:
+        if verify:
+            _verify(model, recipe_text, tensors)
+        meta[RECIPE_KEY] = recipe_text
+    modes = _forward_modes(model)
+    if modes:
+        meta[MODES_KEY] = _dumps(modes)
+    _atomic_save_file(tensors, os.fspath(path), meta)
+
+
+def save(model: nn.Module, path: Any, metadata: Mapping[str, str] | None = None,
+         constructor: Any = None, verify: bool = True) -> None:
+    """Write ``model`` to ``path`` (one safetensors file: tensors + held masks + JSON recipe).
+
+    ``metadata`` adds your own ``str -> str`` entries (keys ``penni_*`` are reserved).
+    ``constructor=("package.module:callable", kwargs)`` says how to rebuild a model that was not
+    built by ``penni.models.build_model`` nor given ``penni.set_constructor`` (it is written to the
+    file only; the model is not changed). ``verify`` replays the recipe on the meta device first and
+    refuses to write a file ``load`` could not rebuild. DDP / DataParallel / torch.compile wrappers
+    are unwrapped. The write is atomic: ``path`` holds either the old file or the complete new one.
+    """
+    _write(model, path, metadata, recipe_json(model, constructor), verify)
+
+
+def save_state(model: nn.Module, path: Any, metadata: Mapping[str, str] | None = None) -> None:
+    """Write only the tensors of ``model`` (and its held masks) to a safetensors file, atomically.
+
+    For checkpoints loaded back into an existing model with :func:`load_state`; no recipe needed.
+    """
+    _write(model, path, metadata, None, verify=False)
+
+
+def _open_checked(path: Any) -> str:
+    """Refuse anything that is not a safetensors file, naming pickles as such."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return path
+    if head[:4] == b"PK\x03\x04":
+        raise PenniFormatError(
+            f"{path} is a torch.save checkpoint (a zip archive holding pickled code); penni will not "
+            f"unpickle it. {_CONVERT_HINT}")
+    if head[:1] == b"\x80":
+        raise PenniFormatError(
+            f"{path} is a pickle file (pickled Python code, e.g. an old-style torch.save checkpoint); "
+            f"penni will not unpickle it. {_CONVERT_HINT}")
+    raise PenniFormatError(f"{path} is not a safetensors file (penni reads only safetensors checkpoints written "
+                           f"by penni.save / penni.save_state). {_CONVERT_HINT}")
+
+
+def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except PenniFormatError:
+        raise
+    except Exception as err:  # safetensors_rust.SafetensorError and friends
+        raise PenniFormatError(f"{path} is not a readable safetensors file: {err}") from err
+    version = metadata.get(FORMAT_KEY)
+    if version is not None and version != FORMAT_VERSION:
+        raise PenniFormatError(f"{path} has penni format {version!r}; this penni reads format {FORMAT_VERSION!r}")
+    return metadata, tensors
+
+
+def read_metadata(path: Any) -> dict[str, str]:
+    """The user metadata stored in a penni file (without the ``penni_*`` entries). Reads no tensors."""
+    path = _open_checked(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as err:
+        raise PenniFormatError(f"{path} is not a readable safetensors file: {err}") from err
+    return {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
+
+
+def _parse_modes(metadata: Mapping[str, str], path: str) -> dict[str, str]:
+    if MODES_KEY not in metadata:
+        return {}
+    try:
+        modes = json.loads(metadata[MODES_KEY])
+    except json.JSONDecodeError as err:
+        raise PenniFormatError(f"{path}: bad {MODES_KEY} metadata: {err}") from err
+    if not isinstance(modes, dict) or not all(isinstance(v, str) for v in modes.values()):
+        raise PenniFormatError(f"{path}: bad {MODES_KEY} metadata")
+    return modes
+
+
+def _parse_recipe(text: str, path: str) -> Recipe:
+    """The recipe in a file, with every field checked to be plain data of the expected shape."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError("the recipe is not a JSON object")
+        recipe = Recipe.from_dict(data)
+        ctor = recipe.constructor
+        if not (isinstance(ctor, dict) and isinstance(ctor.get("factory"), str)
+                and isinstance(ctor.get("kwargs", {}), dict) and set(ctor) <= {"factory", "kwargs"}):
+            raise TypeError(f"bad constructor {ctor!r}")
+        if not (isinstance(recipe.decomposed, dict)
+                and all(isinstance(k, str) and type(v) is int for k, v in recipe.decomposed.items())):
+            raise TypeError("'decomposed' must map layer names to ints")
+        if not (isinstance(recipe.kept, dict) and all(
+                isinstance(layer, str) and isinstance(axes, dict) and all(
+                    isinstance(axis, str) and isinstance(idx, list) and all(type(i) is int for i in idx)
+                    for axis, idx in axes.items())
+                for layer, axes in recipe.kept.items())):
+            raise TypeError("'kept' must map layer names to {axis: [int, ...]}")
+        if not (isinstance(recipe.added_bias, list) and all(isinstance(x, str) for x in recipe.added_bias)):
+            raise TypeError("'added_bias' must be a list of layer names")
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
+        raise PenniFormatError(f"{path} has an unreadable penni recipe: {err}") from err
+    return recipe
+
+
+def load(path: Any, map_location: Any = "cpu",
+         factories: Mapping[str, Callable[..., nn.Module]] | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save` from its recipe, load its tensors, hold its masks.
+
+    Nothing is unpickled: pickled files (``torch.save``) are refused with :class:`PenniFormatError`.
+    The recipe's constructor is imported only from the ``penni.*`` and ``torchvision.models.*``
+    namespaces; pass others explicitly as ``factories={"package.module:callable": callable}``.
+    The model adopts the file's dtypes and is moved to ``map_location``; it is in the train/eval
+    mode its constructor leaves it in (train), with the forward modes it was saved with.
+    """
+    path = _open_checked(path)
+    metadata, tensors = _read(path)
+    if RECIPE_KEY not in metadata:
+        raise PenniFormatError(
+            f"{path} holds tensors but no penni recipe (written by penni.save_state or another tool?): "
+            "load it into a model you build yourself with penni.load_state(model, path)")
+    recipe = _parse_recipe(metadata[RECIPE_KEY], path)
+    model = _replay(recipe, factories)
+    _load_tensors(model, tensors, f"the tensors in {path}", adopt_dtypes=True)
+    _restore_forward_modes(model, _parse_modes(metadata, path))
+    object.__setattr__(model, RECIPE_ATTR, recipe)
+    return model if map_location is None else model.to(map_location)
+
+
+def load_state(model: nn.Module, path: Any) -> nn.Module:
+    """Load the tensors of a safetensors file into ``model`` (in place, strict), holding its masks.
+
+    After loading, the masks held on ``model`` are exactly those in the file (masks the model
+    held before are replaced; its Parameter objects are kept, so an existing optimizer stays
+    valid). Tensors keep the model's dtypes and devices. Returns the (unwrapped) model.
+    """
+    path = _open_checked(path)
+    _, tensors = _read(path)
+    inner = _unwrap(model)
+    _load_tensors(inner, tensors, f"the tensors in {path}", adopt_dtypes=False)
+    _restore_forward_modes(inner, None)  # keep the model's modes; re-bake "dense" kernels
+    return inner

@@ -1,0 +1,293 @@
+"""Pictures of the PENNI appendix: coefficient matrix (Fig. 1), reconstructed kernels (Fig. 2), learning curves (Fig. 3).
+
+Every function draws with matplotlib's Agg canvas directly (no pyplot, no global backend
+switch, safe in worker processes without a display), writes a PNG to ``path`` (parent folders
+are created) and returns ``path`` as a ``pathlib.Path``. Masked (parametrized) layers are drawn
+with their effective, masked values. Magnitudes are drawn with exact zeros left white.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .conv import PenniConv2d
+
+_CMAP = "viridis"  # its low end is dark, so small non-zero values never look like the white zeros
+_METRIC_PREFIXES = ("train_", "val_", "valid_", "test_", "eval_")
+_SKIP_KEYS = {"epoch", "step", "phase", "time", "seconds", "wall_s", "lr_step"}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def _cmap():
+    import matplotlib
+
+    return matplotlib.colormaps[_CMAP].with_extremes(bad="white")
+
+
+def _magnitudes(matrix: torch.Tensor) -> np.ma.MaskedArray:
+    """|matrix| as a masked array with the exact zeros masked (drawn white)."""
+    values = matrix.detach().to("cpu", torch.float64).abs().numpy()
+    return np.ma.masked_where(values == 0, values)
+
+
+def _vmax(*arrays: np.ma.MaskedArray) -> float:
+    """Top of the colour scale: the 99.5th percentile of the non-zero magnitudes (outliers saturate)."""
+    values = np.concatenate([a.compressed() for a in arrays]) if arrays else np.zeros(0)
+    if values.size == 0:
+        return 1.0
+    top = float(np.percentile(values, 99.5))
+    return top if top > 0 else float(values.max()) or 1.0
+
+
+def _extent_size(rows: int, cols: int, panels: int = 1) -> tuple[float, float]:
+    width = min(max(6.0 * panels + 1.0, 6.0 + 0.012 * cols * panels), 18.0)
+    height = min(max(3.5, 2.5 + 0.03 * rows), 10.0)
+    return width, height
+
+
+def _group_ticks(ax, groups: int, per_group: int, label: str) -> None:
+    """x ticks at group starts (input channels), labelled by the group index, at a readable density."""
+    step = max(1, int(math.ceil(groups / 16)))
+    nice = [1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100, 128, 256, 512]
+    step = next((n for n in nice if n >= step), step)
+    idx = list(range(0, groups, step))
+    ax.set_xticks([i * per_group + (per_group - 1) / 2 for i in idx])  # centre of each group
+    ax.set_xticklabels([str(i) for i in idx])
+    ax.set_xlabel(label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if groups <= 32 and per_group > 1:  # light separators between input channels
+        for i in range(1, groups):
+            ax.axvline(i * per_group - 0.5, color="0.85", linewidth=0.5)
+
+
+def plot_coefficients(layer: PenniConv2d, path: str | Path, title: str | None = None) -> Path:
+    """The coefficient matrix as in the paper's Figure 1.
+
+    Rows (y) are output channels; columns (x) are ``in_channels/groups * d`` entries grouped by
+    input channel (column ``c*d + j`` is basis kernel ``j`` of input channel ``c``, the layout of
+    the factorized forward). The colour is ``|coefficient|``; pruned (exactly zero) entries are
+    white. The default title gives the shape and the sparsity.
+    """
+    if not isinstance(layer, PenniConv2d):
+        raise TypeError(f"plot_coefficients needs a PenniConv2d, got {type(layer).__name__}")
+    with torch.no_grad():
+        coeff = layer.coefficients.detach()
+    cout, cin_g, d = coeff.shape
+    data = _magnitudes(coeff.reshape(cout, cin_g * d))
+    sparsity = 100.0 * float(data.mask.mean()) if data.mask is not np.ma.nomask else 0.0
+    if title is None:
+        title = (f"Coefficients |c|: {cout} out x {cin_g} in x d={d}, "
+                 f"{sparsity:.1f}% zero (white)")
+    fig = _figure(*_extent_size(cout, cin_g * d))
+    ax = fig.add_subplot(1, 1, 1)
+    vmax = _vmax(data)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(), vmin=0.0, vmax=vmax)
+    _group_ticks(ax, cin_g, d, f"input channel x basis ({d} columns per input channel)")
+    ax.set_ylabel("output channel")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="|coefficient|", extend="max" if vmax < float(data.max() or 0) else "neither")
+    return _save(fig, path)
+
+
+def plot_reconstructed(
+    layer: PenniConv2d,
+    path: str | Path,
+    original_weight: torch.Tensor | None = None,
+    title: str | None = None,
+) -> Path:
+    """Reconstructed kernels (``coefficients @ basis``) as in the paper's Figure 2.
+
+    Each kernel tensor ``(out, in/groups, kh, kw)`` is drawn as a matrix of output channels (y)
+    by ``in/groups * kh * kw`` columns grouped by input channel, colour ``|weight|`` with exact
+    zeros white. With ``original_weight`` (e.g. the baseline conv's weight, shapes may differ
+    after shrinking) the original is drawn on the left and the reconstruction on the right, with
+    one shared colour scale (topped at the 99.5th percentile of the non-zero magnitudes).
+    """
+    if not isinstance(layer, PenniConv2d):
+        raise TypeError(f"plot_reconstructed needs a PenniConv2d, got {type(layer).__name__}")
+    with torch.no_grad():
+        recon = layer.reconstructed_weight().detach()
+    panels: list[tuple[str, torch.Tensor]] = []
+    if original_weight is not None:
+        if original_weight.dim() != 4:
+            raise ValueError(f"original_weight must be (out, in, kh, kw), got shape {tuple(original_weight.shape)}")
+        panels.append(("original", original_weight.detach()))
+    panels.append((f"reconstructed (d={layer.d})", recon))
+    mats = [(name, _magnitudes(w.reshape(w.shape[0], -1)), w.shape) for name, w in panels]
+    vmax = _vmax(*(m for _, m, _ in mats))
+    peak = max(float(m.max()) if m.count() else 0.0 for _, m, _ in mats)
+    rows = max(m.shape[0] for _, m, _ in mats)
+    cols = max(m.shape[1] for _, m, _ in mats)
+    fig = _figure(*_extent_size(rows, cols, len(mats)))
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    im = None
+    for ax, (name, data, shape) in zip(axes, mats):
+        zero = 100.0 * float(data.mask.mean()) if data.mask is not np.ma.nomask else 0.0
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(), vmin=0.0, vmax=vmax)
+        _group_ticks(ax, shape[1], shape[2] * shape[3], f"input channel ({shape[2]}x{shape[3]} kernel each)")
+        ax.set_ylabel("output channel")
+        ax.set_title(f"{name}\n{shape[0]}x{shape[1]}x{shape[2]}x{shape[3]}, {zero:.1f}% zero")
+    fig.colorbar(im, ax=list(axes), label="|weight|", extend="max" if vmax < peak else "neither")
+    if title is not None:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- learning curves
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return math.isfinite(float(v))
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return math.isfinite(float(v))
+    return False
+
+
+def _phase_series(phase: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """metric -> (epochs, values) for one phase (a list of epoch dicts or a dict of lists)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    if isinstance(phase, Mapping):
+        for key, values in phase.items():
+            if key in _SKIP_KEYS or not isinstance(values, Sequence) or isinstance(values, str):
+                continue
+            xs = phase.get("epoch")
+            pts = [(float(xs[i]) if isinstance(xs, Sequence) and i < len(xs) and _is_number(xs[i]) else i + 1, float(v))
+                   for i, v in enumerate(values) if _is_number(v)]
+            if pts:
+                series[key] = ([p[0] for p in pts], [p[1] for p in pts])
+        return series
+    if isinstance(phase, Sequence) and not isinstance(phase, str):
+        for i, epoch in enumerate(phase):
+            if not isinstance(epoch, Mapping):
+                raise TypeError(f"a phase given as a list must hold one dict per epoch, got {type(epoch).__name__}")
+            x = float(epoch["epoch"]) if _is_number(epoch.get("epoch")) else i + 1
+            for key, v in epoch.items():
+                if key in _SKIP_KEYS or not _is_number(v):
+                    continue
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(x)
+                ys.append(float(v))
+        return series
+    raise TypeError(f"cannot read learning curves from {type(phase).__name__}")
+
+
+def _normalize_history(history: Any) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """phase -> metric -> (epochs, values)."""
+    def epoch_list(v: Any) -> bool:
+        return isinstance(v, Sequence) and not isinstance(v, str) and all(isinstance(e, Mapping) for e in v)
+
+    values = list(history.values()) if isinstance(history, Mapping) else []
+    if values and all(isinstance(v, Mapping) or epoch_list(v) for v in values) and any(
+        isinstance(v, Mapping) or len(v) > 0 for v in values
+    ):  # several phases (an empty phase is allowed next to a filled one)
+        return {str(name): _phase_series(phase) for name, phase in history.items()}
+    return {"": _phase_series(history)}
+
+
+def _panel_name(metric: str) -> str:
+    for prefix in _METRIC_PREFIXES:
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            return metric[len(prefix):]
+    return metric
+
+
+def plot_learning_curves(
+    history: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+    metrics: Iterable[str] | None = None,
+) -> Path:
+    """Learning curves, one panel per metric, one column per phase (the paper's Figure 3).
+
+    ``history`` is one of
+
+    * one phase as a list of per-epoch dicts: ``[{"epoch": 1, "train_loss": 2.1, "val_top1": 0.4,
+      "sparsity": 0.1}, ...]`` (``epoch`` is optional, default 1, 2, ...);
+    * one phase as a dict of per-epoch lists: ``{"train_loss": [...], "val_top1": [...]}``
+      (an optional ``"epoch"`` list gives the x values);
+    * several phases: ``{"retrain": <phase>, "finetune": <phase>}`` where each ``<phase>`` is
+      one of the two forms above; phases are drawn left to right in the given order.
+
+    Metrics that differ only by a ``train_``/``val_``/``test_``/``eval_`` prefix share a panel
+    (``train_loss`` and ``val_loss`` are two lines in the "loss" panel). Non-numeric values and
+    the keys ``epoch``, ``step``, ``time``... are ignored. ``metrics`` selects panels or metric
+    names (in that order); by default every metric found is drawn, panels in first-seen order.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    phases = _normalize_history(history)
+    panels: dict[str, list[str]] = {}
+    for series in phases.values():
+        for metric in series:
+            panels.setdefault(_panel_name(metric), [])
+            if metric not in panels[_panel_name(metric)]:
+                panels[_panel_name(metric)].append(metric)
+    if metrics is not None:
+        wanted = list(metrics)
+        chosen: dict[str, list[str]] = {}
+        for w in wanted:
+            if w in panels:
+                chosen[w] = panels[w]
+            elif _panel_name(w) in panels and w in panels[_panel_name(w)]:
+                chosen.setdefault(_panel_name(w), []).append(w)
+            else:
+                raise KeyError(f"metric {w!r} not in the history (found: {sorted(m for v in panels.values() for m in v)})")
+        panels = chosen
+    if not panels:
+        raise ValueError("the history holds no numeric metric to plot")
+
+    n_rows, n_cols = len(panels), len(phases)
+    fig = _figure(min(4.5 * n_cols + 1.0, 18.0), min(2.6 * n_rows + 0.8, 16.0))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex="col")
+    for col, (phase, series) in enumerate(phases.items()):
+        for row, (panel, names) in enumerate(panels.items()):
+            ax = axes[row][col]
+            drawn = False
+            for metric in names:
+                if metric in series:
+                    xs, ys = series[metric]
+                    ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=metric)
+                    drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+            if drawn and (len(names) > 1 or names[0] != panel):
+                ax.legend(fontsize="small")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(panel)
+            if row == 0 and phase:
+                ax.set_title(phase)
+            if row == n_rows - 1:
+                ax.set_xlabel("epoch")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["plot_coefficients", "plot_reconstructed", "plot_learning_curves"]

@@ -1,0 +1,163 @@
+"""The stage DAG: order, fingerprints, skip/resume, Ray task wrapping, retries and tracking.
+
+Durability is ours (``ray.workflow`` is gone since Ray 2.48): every stage commits its outputs
+with a manifest (``pipeline.storage``); a stage whose manifest matches its fingerprint (the
+hash of its config section and of its inputs' fingerprints) is skipped, so changing
+``finetune.epochs`` re-runs ``finetune`` and everything downstream of it, nothing upstream.
+An interrupted training stage resumes from its last Ray Train checkpoint, because its
+``RunConfig.name`` is derived from that same fingerprint. Non-training stages run as Ray tasks
+chained by their results; training stages fan out to Ray Train from the driver.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import STAGES, PipelineConfig, flatten, from_dict, section_fingerprint, to_dict
+from .distributed import TrainJob, run_training
+from .stages import STAGE_FUNCTIONS, STAGE_INPUTS, TRAINING_STAGES, StageContext
+from .storage import RunStore, fingerprint
+
+
+def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
+    """Fingerprint of each stage = hash(its config section, its inputs' fingerprints)."""
+    prints: dict[str, str] = {}
+    for stage in STAGES:
+        prints[stage] = fingerprint(stage, section_fingerprint(cfg, stage), [prints[s] for s in STAGE_INPUTS[stage]])
+    return prints
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str                   # "ran" | "skipped"
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: str, run_name: str,
+                   use_ray_train: bool, tracking_uri: str | None, mlflow_run_id: str | None) -> dict:
+    """Run one stage and commit its outputs; returns the manifest. Runs in a Ray task or in-process."""
+    cfg = from_dict(cfg_dict)
+    store = RunStore(storage, run_name)
+    with tempfile.TemporaryDirectory(prefix=f"penni-{stage}-") as tmp:
+        tmp = Path(tmp)
+        inputs = {s: store.fetch_stage(s, tmp / "inputs" / s) for s in STAGE_INPUTS[stage]}
+        out_dir = tmp / "out"
+        out_dir.mkdir()
+        scratch = store.local_path("_work") if store.is_local else tmp / "work"
+
+        def train(job: TrainJob):
+            return run_training(
+                job, use_ray=use_ray_train, run_name=f"{stage}-{stage_fingerprint[:12]}",
+                storage=store.train_storage(), num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures, local_dir=scratch)
+
+        ctx = StageContext(cfg=cfg, stage=stage, inputs=inputs, out_dir=out_dir, train=train,
+                           tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
+        metrics = STAGE_FUNCTIONS[stage](ctx)
+        return store.commit_stage(stage, out_dir, stage_fingerprint, metrics)
+
+
+class Pipeline:
+    """Runs the stages of one pipeline run in order, skipping those already done."""
+
+    def __init__(self, cfg: PipelineConfig, *, use_ray: bool, tracker: Any = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.use_ray = use_ray
+        self.store = RunStore(cfg.storage, cfg.name)
+        self.tracker = tracker
+        self.log = log
+        self.fingerprints = stage_fingerprints(cfg)
+
+    def plan(self) -> dict[str, str]:
+        """Stage -> "skip" or "run" (a stage runs if it or anything upstream is not done)."""
+        plan, upstream_runs = {}, False
+        for stage in STAGES:
+            done = self.store.is_complete(stage, self.fingerprints[stage])
+            upstream_runs = upstream_runs or not done
+            plan[stage] = "run" if upstream_runs else "skip"
+        return plan
+
+    def run(self) -> list[StageOutcome]:
+        plan = self.plan()
+        to_run = [s for s in STAGES if plan[s] == "run"]
+        self.store.invalidate_from(to_run)  # downstream outputs of a re-run stage are stale
+        self.log("plan: " + ", ".join(f"{s}={plan[s]}" for s in STAGES))
+        outcomes = []
+        for stage in STAGES:
+            if plan[stage] == "skip":
+                manifest = self.store.read_manifest(stage) or {}
+                if self.tracker is not None:
+                    self.tracker.log_skipped(stage, manifest)
+                self.log(f"[{stage}] up to date (manifest matches), skipped")
+                outcomes.append(StageOutcome(stage, "skipped", 0.0, manifest.get("metrics", {})))
+                continue
+            outcomes.append(self._run_stage(stage))
+        return outcomes
+
+    def _run_stage(self, stage: str) -> StageOutcome:
+        retries = self.cfg.ray.stage_retries
+        for attempt in range(retries + 1):
+            t0 = time.perf_counter()
+            self.log(f"[{stage}] running" + (f" (retry {attempt}/{retries})" if attempt else ""))
+            try:
+                manifest = self._attempt(stage)
+            except Exception as err:  # noqa: BLE001 - retried, then re-raised
+                if attempt == retries or isinstance(err, (ValueError, TypeError, KeyError)):
+                    raise
+                self.log(f"[{stage}] failed ({type(err).__name__}: {err}); retrying")
+                continue
+            seconds = time.perf_counter() - t0
+            self.log(f"[{stage}] done in {seconds:.1f}s")
+            return StageOutcome(stage, "ran", seconds, manifest["metrics"])
+        raise AssertionError("unreachable")
+
+    def _attempt(self, stage: str) -> dict:
+        args = (to_dict(self.cfg), stage, self.fingerprints[stage], self.cfg.storage, self.cfg.name, self.use_ray)
+        context = self.tracker.stage_run(stage, params=_stage_params(self.cfg, stage)) if self.tracker else _null()
+        with context as run:
+            tracking = (self.tracker.tracking_uri, run.run_id) if run is not None else (None, None)
+            if self.use_ray and stage not in TRAINING_STAGES:
+                manifest = _remote_stage(self.cfg).remote(*args, *tracking)
+                import ray
+
+                manifest = ray.get(manifest)
+            else:
+                manifest = _execute_stage(*args, *tracking)
+            if run is not None:
+                run.log_metrics(manifest["metrics"])
+                run.set_tags({"penni.fingerprint": self.fingerprints[stage]})
+                stage_dir = self.store.local_path(stage)
+                if stage_dir is not None:
+                    for path in sorted(stage_dir.iterdir()):
+                        if path.is_file() and path.name != "manifest.json":
+                            run.log_artifact(path)
+        return manifest
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _stage_params(cfg: PipelineConfig, stage: str) -> dict:
+    prefix = f"{stage}."
+    return {k: v for k, v in flatten(cfg).items() if k.startswith(prefix)}
+
+
+def _remote_stage(cfg: PipelineConfig):
+    """``_execute_stage`` as a Ray task (a GPU one when the pipeline uses GPUs)."""
+    import ray
+
+    return ray.remote(_execute_stage).options(
+        num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=1, name="penni-stage")

@@ -1,0 +1,166 @@
+"""Command line of the pipeline: validate the config, start Ray and MLflow, run the DAG, summarize."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, apply_overrides, available_configs, dump_yaml, flatten, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="full_pipeline.py",
+        description="PENNI compression pipeline (stages are skipped when their outputs are up to date).")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML file or a shipped config name ({', '.join(available_configs())}); default quickstart")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set retrain.l1=5e-5 (repeatable)")
+    parser.add_argument("--run-name", default=None, help="run name (config 'name'): outputs go to <storage>/<run-name>/")
+    parser.add_argument("--storage", default=None, help="local directory or pyarrow.fs URI (s3://bucket/prefix)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite under the run)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(list(argv))
+
+
+def resolve_config(args: argparse.Namespace):
+    """Config file + --set overrides + the dedicated flags; validated before anything starts."""
+    overrides = list(args.overrides)
+    for flag, key in ((args.run_name, "name"), (args.storage, "storage"), (args.address, "ray.address")):
+        if flag is not None:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    if args.in_process:
+        overrides.append("ray.in_process=true")
+    return load_config(args.config, overrides)
+
+
+def _use_ray(cfg) -> bool:
+    if cfg.ray.in_process:
+        return False
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("Ray is not installed: running every stage in-process (pip install 'ray[default,train,tune]==2.60.0')")
+        return False
+    return True
+
+
+def _start_ray(cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        ray.init(runtime_env=runtime_env, logging_level=logging.WARNING, include_dashboard=None)
+
+
+def _tracker(cfg, cli_uri: str | None, store):
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        print("MLflow is not installed: tracking is off (pip install 'mlflow>=3.7,<4')")
+        return None
+    from .tracking import Tracker, resolve_tracking_uri
+
+    root = store.local_path("mlflow") if store.is_local else None
+    uri = resolve_tracking_uri(cli_uri, cfg.tracking.uri, root.parent if root is not None else None)
+    tracker = Tracker(uri, cfg.tracking.experiment, cfg.name)
+    state = store.read_json("pipeline.json") or {}
+    parent = tracker.start_parent(state.get("mlflow_parent_run_id"), flatten(cfg), tags={"penni.config": cfg.name})
+    store.write_json_atomic("pipeline.json", {**state, "mlflow_parent_run_id": parent, "tracking_uri": uri})
+    return tracker
+
+
+def summary_table(outcomes, store, tracker) -> str:
+    """The closing table: stages, then baseline vs compressed, then where things are."""
+    from .stages import summary_markdown
+
+    lines = ["", "Stages:", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {o.stage} | {o.status} | {o.seconds:.1f} |" for o in outcomes]
+    report = store.local_path("report")
+    evaluation = None
+    if report is not None and (report / "evaluation.json").exists():
+        evaluation = json.loads((report / "evaluation.json").read_text())
+    if evaluation:
+        lines += ["", "Baseline vs compressed (test split):", summary_markdown(evaluation["summary"], evaluation["models"])]
+    lines += ["", f"Artifacts: {store.stage_uri('report')}  (structure.md, coefficients.png, "
+                  "reconstructed_weights.png, learning_curves.png, summary.md)"]
+    if tracker is not None:
+        lines += [f"MLflow: {tracker.tracking_uri}  (parent run {tracker.parent_run_id})",
+                  f"  open the UI: mlflow ui --backend-store-uri {tracker.tracking_uri}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as err:
+        print(f"error: invalid configuration:\n{err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_yaml(cfg))
+        return 0
+    from .dag import Pipeline
+    from .storage import RunStore, StorageError
+
+    try:
+        store = RunStore(cfg.storage, cfg.name)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    use_ray = _use_ray(cfg)
+    started = time.perf_counter()
+    print(f"penni pipeline '{cfg.name}' -> {store.root}  ({'Ray' if use_ray else 'in-process'})", flush=True)
+    tracker = None
+    try:
+        tracker = _tracker(cfg, args.tracking_uri, store)
+        if use_ray:
+            _start_ray(cfg)
+        outcomes = Pipeline(cfg, use_ray=use_ray, tracker=tracker).run()
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.end_parent("KILLED")
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - report and exit non-zero
+        if tracker is not None:
+            tracker.end_parent("FAILED")
+        logging.getLogger("penni").debug("pipeline failed", exc_info=True)
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nerror: the pipeline failed: {type(err).__name__}: {err}\n"
+              "Completed stages are kept; fix the cause and re-run the same command to resume.", file=sys.stderr)
+        return 1
+    if tracker is not None:
+        _log_summary(tracker, store)
+        tracker.end_parent("FINISHED")
+    print(summary_table(outcomes, store, tracker))
+    print(f"\nTotal wall time: {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _log_summary(tracker, store) -> None:
+    """Final metrics and the report files on the parent run (compare runs in the MLflow UI)."""
+    report = store.local_path("report")
+    manifest = store.read_manifest("evaluate") or {}
+    summary = {k: v for k, v in manifest.get("metrics", {}).items() if "." not in k and isinstance(v, (int, float))}
+    tracker.log_parent_metrics(summary)
+    if report is not None:
+        for path in sorted(report.iterdir()):
+            if path.is_file() and path.name != "manifest.json":
+                tracker.log_parent_artifact(path)

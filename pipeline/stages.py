@@ -1,0 +1,317 @@
+"""The pipeline stages: plain functions from input checkpoints + config to output files + metrics.
+
+Each ``run_<stage>(ctx)`` reads the committed outputs of earlier stages from ``ctx.inputs``,
+writes its own files into ``ctx.out_dir`` and returns its metrics. They run in-process (no
+Ray needed: the GPU machine has none) or inside a Ray task; training stages hand their loop
+to ``ctx.train`` (Ray Train or in-process).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import penni
+from penni.decompose import is_decomposable
+from penni.profile import compare as profile_compare
+from penni.models import build_model, load_weights
+from penni.serialization import PenniFormatError, load, save
+
+from . import train as T
+from .config import PipelineConfig, to_dict
+from .data import build_datasets, example_batch, make_loader
+from .distributed import BEST_FILE, HISTORY_FILE, MODEL_FILE, TrainJob
+
+TRAINING_STAGES = ("baseline", "retrain", "finetune")
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "decompose": ("baseline",),
+    "retrain": ("decompose",),
+    "prune": ("retrain",),
+    "finetune": ("prune",),
+    "shrink": ("finetune",),
+    "evaluate": ("baseline", "shrink"),
+    "report": ("baseline", "decompose", "retrain", "prune", "finetune", "shrink", "evaluate"),
+}
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function needs; built by the DAG."""
+
+    cfg: PipelineConfig
+    stage: str
+    inputs: dict[str, Path]
+    out_dir: Path
+    train: Callable[[TrainJob], tuple[Path, dict]] | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    log: Callable[[str], None] = field(default=print)
+
+    def input_model(self, stage: str) -> Path:
+        return self.inputs[stage] / MODEL_FILE
+
+
+def _device(cfg: PipelineConfig) -> torch.device:
+    return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+
+
+def _val_accuracy(model: nn.Module, cfg: PipelineConfig, splits=None) -> float:
+    splits = splits or build_datasets(cfg.data, seed=cfg.seed)
+    loader = make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.loader_workers)
+    hw = T.Hardware(_device(cfg))
+    return T.evaluate(model.to(hw.device), loader, hw)["val_top1"]
+
+
+def _run_training(ctx: StageContext, input_model: Path | None, select: str) -> dict:
+    """Train through ``ctx.train``; copy the selected model (best on validation, or last) out."""
+    job = TrainJob(stage=ctx.stage, config=to_dict(ctx.cfg), input_model=str(input_model) if input_model else None,
+                   tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
+    checkpoint_dir, result = ctx.train(job)
+    history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
+    chosen = checkpoint_dir / (BEST_FILE if select == "best" and (checkpoint_dir / BEST_FILE).exists() else MODEL_FILE)
+    shutil.copy2(chosen, ctx.out_dir / MODEL_FILE)
+    _write_json(ctx.out_dir / HISTORY_FILE, history)
+    last = history[-1] if history else {}
+    best = max(history, key=lambda h: h["val_top1"]) if history else {}
+    picked = best if select == "best" else last
+    return {"val_top1": picked.get("val_top1", float("nan")), "epochs": len(history),
+            "selected_epoch": picked.get("epoch", -1), "sparsity": picked.get("sparsity", 0.0),
+            "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history)}
+
+
+def run_baseline(ctx: StageContext) -> dict:
+    """Train the dense model, or load one (penni checkpoint, or a weights file such as torchvision's)."""
+    cfg, bcfg = ctx.cfg, ctx.cfg.baseline
+    start: Path | None = None
+    if bcfg.checkpoint:
+        try:
+            model = load(bcfg.checkpoint)
+        except PenniFormatError:
+            model = load_weights(_build(cfg), bcfg.checkpoint)
+    elif cfg.model.weights:
+        model = load_weights(_build(cfg), cfg.model.weights)
+    else:
+        model = None
+    if model is not None:
+        save(model, ctx.out_dir / "initial.safetensors")
+        start = ctx.out_dir / "initial.safetensors"
+    if bcfg.epochs == 0:
+        if start is None:
+            raise ValueError("baseline.epochs is 0 but no baseline.checkpoint or model.weights is given: "
+                             "set one of them, or train the baseline (baseline.epochs > 0)")
+        start.rename(ctx.out_dir / MODEL_FILE)
+        return {"val_top1": _val_accuracy(load(ctx.out_dir / MODEL_FILE), cfg), "epochs": 0}
+    metrics = _run_training(ctx, start, select="best")
+    if start is not None:
+        start.unlink()
+    return metrics
+
+
+def _build(cfg: PipelineConfig) -> nn.Module:
+    return build_model(cfg.model.arch, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
+                       **cfg.model.kwargs)
+
+
+def run_decompose(ctx: StageContext) -> dict:
+    """SVD-initialized PenniConv2d layers (d per layer), with the kernel approximation error."""
+    model = load(ctx.input_model("baseline"))
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_decomposable(m)}
+    penni.decompose(model, d=ctx.cfg.decompose.d, exclude=ctx.cfg.decompose.exclude)
+    layers = penni.penni_layers(model)
+    errors = {name: float((m.reconstructed_weight() - dense[name]).norm() / dense[name].norm())
+              for name, m in layers.items()}
+    save(model, ctx.out_dir / MODEL_FILE)
+    _write_json(ctx.out_dir / "approximation_error.json", errors)
+    return {"layers_decomposed": len(layers), "mean_relative_kernel_error": statistics.fmean(errors.values()) if errors else 0.0,
+            "val_top1": _val_accuracy(model, ctx.cfg)}
+
+
+def run_retrain(ctx: StageContext) -> dict:
+    """L1 on the coefficients, basis and coefficients trained in alternation; keeps the last epoch."""
+    return _run_training(ctx, ctx.input_model("decompose"), select="last")
+
+
+def run_prune(ctx: StageContext) -> dict:
+    """Zero small coefficients (masks held from here on)."""
+    pcfg = ctx.cfg.prune
+    model = load(ctx.input_model("retrain"))
+    per_layer = penni.prune(model, rule=pcfg.rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+    save(model, ctx.out_dir / MODEL_FILE)
+    _write_json(ctx.out_dir / "sparsity.json", per_layer)
+    return {"sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
+            "val_top1": _val_accuracy(model, ctx.cfg)}
+
+
+def run_finetune(ctx: StageContext) -> dict:
+    """Recover accuracy with the masks held; keeps the best epoch on validation."""
+    return _run_training(ctx, ctx.input_model("prune"), select="best")
+
+
+def run_shrink(ctx: StageContext) -> dict:
+    """Drop dead channels and bases (exact in eval mode); writes the before/after structure table."""
+    cfg = ctx.cfg
+    model = load(ctx.input_model("finetune")).eval()
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    x = example_batch(splits, batch_size=8)
+    before = penni.profile(model, x)
+    if cfg.shrink.enabled:
+        small = penni.shrink(model, x).eval()
+    else:
+        small = penni.bake_masks(model)
+    with torch.no_grad():
+        reference, got = model(x), small(x)
+    max_error = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    after = penni.profile(small, x)
+    save(small, ctx.out_dir / MODEL_FILE)
+    (ctx.out_dir / "structure.md").write_text(profile_compare(before, after))
+    before.to_csv(ctx.out_dir / "structure_before.csv")
+    after.to_csv(ctx.out_dir / "structure_after.csv")
+    return {"max_relative_output_change": max_error, "params_before": before.params, "params_after": after.params,
+            "dense_macs_before": before.dense_macs, "dense_macs_after": after.dense_macs,
+            "sparse_macs_after": after.sparse_macs}
+
+
+def measure_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median forward latency in milliseconds (inference mode, after warm-up)."""
+    model.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        sync()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fastest_mode(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[str, dict[str, float]]:
+    """Time the factorized and dense inference forms; the model is left in the faster one."""
+    timings = {}
+    for mode in ("dense", "factorized"):
+        penni.set_forward_mode(model, mode)
+        timings[mode] = measure_latency(model, x, repeats)
+    best = min(timings, key=timings.get)
+    penni.set_forward_mode(model, best)
+    return best, timings
+
+
+def run_evaluate(ctx: StageContext) -> dict:
+    """Test accuracy (top-1/top-5), parameters, MACs (sparse, dense-executable) and latency of
+    the baseline and the compressed model (the test split is only reported here)."""
+    cfg = ctx.cfg
+    device = _device(cfg)
+    hw = T.Hardware(device)
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.loader_workers)
+    x1 = example_batch(splits, batch_size=1)
+    results: dict[str, dict] = {}
+    for label, path in (("baseline", ctx.input_model("baseline")), ("compressed", ctx.input_model("shrink"))):
+        model = load(path).eval().to(device)
+        prof = penni.profile(model.cpu(), x1)
+        model.to(device)
+        entry = {**T.evaluate(model, test_loader, hw, prefix="test"), "params": prof.params,
+                 "nonzero_params": prof.nonzero_params, "sparse_macs": prof.sparse_macs, "dense_macs": prof.dense_macs}
+        for bs in cfg.evaluate.latency_batch_sizes:
+            x = example_batch(splits, batch_size=bs).to(device)
+            if penni.penni_layers(model):
+                mode, timings = _fastest_mode(model, x, cfg.evaluate.latency_repeats)
+                entry[f"latency_ms_bs{bs}"] = timings[mode]
+                entry[f"latency_mode_bs{bs}"] = mode
+                entry[f"latency_ms_factorized_bs{bs}"] = timings["factorized"]
+                entry[f"latency_ms_dense_bs{bs}"] = timings["dense"]
+            else:
+                entry[f"latency_ms_bs{bs}"] = measure_latency(model, x, cfg.evaluate.latency_repeats)
+        results[label] = entry
+    b, c = results["baseline"], results["compressed"]
+    summary = {
+        "baseline_test_top1": b["test_top1"], "compressed_test_top1": c["test_top1"],
+        "top1_drop_points": 100.0 * (b["test_top1"] - c["test_top1"]),
+        "baseline_test_top5": b["test_top5"], "compressed_test_top5": c["test_top5"],
+        "params_reduction_pct": 100.0 * (1 - c["params"] / b["params"]),
+        "nonzero_params_reduction_pct": 100.0 * (1 - c["nonzero_params"] / b["nonzero_params"]),
+        "sparse_macs_reduction_pct": 100.0 * (1 - c["sparse_macs"] / b["dense_macs"]),
+        "dense_macs_reduction_pct": 100.0 * (1 - c["dense_macs"] / b["dense_macs"]),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+    for bs in cfg.evaluate.latency_batch_sizes:
+        summary[f"latency_speedup_bs{bs}"] = b[f"latency_ms_bs{bs}"] / c[f"latency_ms_bs{bs}"]
+    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary})
+    flat = {f"{label}.{k}": v for label, entry in results.items() for k, v in entry.items()}
+    return {**summary, **flat}
+
+
+def _third_layer(model: nn.Module) -> str | None:
+    """The layer the paper's appendix pictures: the third decomposed conv (or the last one)."""
+    names = list(penni.penni_layers(model))
+    return names[min(2, len(names) - 1)] if names else None
+
+
+def run_report(ctx: StageContext) -> dict:
+    """Structure tables, coefficient and reconstructed-kernel pictures, learning curves, summary."""
+    from penni import visualize
+
+    out = ctx.out_dir
+    shutil.copy2(ctx.inputs["shrink"] / "structure.md", out / "structure.md")
+    finetuned = load(ctx.input_model("finetune"))
+    baseline = load(ctx.input_model("baseline"))
+    layer_name = _third_layer(finetuned)
+    pictures = []
+    if layer_name:
+        layer = finetuned.get_submodule(layer_name)
+        original = baseline.get_submodule(layer_name).weight.detach()
+        pictures.append(visualize.plot_coefficients(layer, out / "coefficients.png",
+                                                    title=f"{layer_name}: coefficient matrix after fine-tuning"))
+        pictures.append(visualize.plot_reconstructed(layer, out / "reconstructed_weights.png", original_weight=original,
+                                                     title=f"{layer_name}: reconstructed vs original kernels"))
+    curves = {stage: json.loads((ctx.inputs[stage] / HISTORY_FILE).read_text())
+              for stage in ("retrain", "finetune") if (ctx.inputs[stage] / HISTORY_FILE).exists()}
+    if curves:
+        pictures.append(visualize.plot_learning_curves(curves, out / "learning_curves.png",
+                                                       title="PENNI retraining and fine-tuning"))
+    evaluation = json.loads((ctx.inputs["evaluate"] / "evaluation.json").read_text())
+    (out / "summary.md").write_text(summary_markdown(evaluation["summary"], evaluation["models"]))
+    _write_json(out / "evaluation.json", evaluation)
+    return {"pictures": len(pictures)}
+
+
+def summary_markdown(summary: dict, models: dict) -> str:
+    """The final comparison table: baseline vs compressed."""
+    b, c = models["baseline"], models["compressed"]
+    rows = [("test top-1 %", f"{100 * b['test_top1']:.2f}", f"{100 * c['test_top1']:.2f}",
+             f"{-summary['top1_drop_points']:+.2f} pt"),
+            ("test top-5 %", f"{100 * b['test_top5']:.2f}", f"{100 * c['test_top5']:.2f}", ""),
+            ("parameters", f"{b['params']:,}", f"{c['params']:,}", f"-{summary['params_reduction_pct']:.1f}%"),
+            ("MACs, sparse (paper rule)", f"{b['sparse_macs']:,}", f"{c['sparse_macs']:,}",
+             f"-{summary['sparse_macs_reduction_pct']:.1f}%"),
+            ("MACs, dense-executable", f"{b['dense_macs']:,}", f"{c['dense_macs']:,}",
+             f"-{summary['dense_macs_reduction_pct']:.1f}%")]
+    for key in sorted(k for k in b if k.startswith("latency_ms_bs")):
+        bs = key.removeprefix("latency_ms_bs")
+        mode = c.get(f"latency_mode_bs{bs}", "")
+        rows.append((f"latency ms, batch {bs}", f"{b[key]:.2f}", f"{c[key]:.2f} ({mode})" if mode else f"{c[key]:.2f}",
+                     f"{summary[f'latency_speedup_bs{bs}']:.2f}x"))
+    lines = ["| metric | baseline | compressed | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b_} | {c_} | {d} |" for a, b_, c_, d in rows]
+    return "\n".join(lines) + f"\n\nMeasured on: {summary.get('device', '?')}\n"
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict]] = {
+    "baseline": run_baseline, "decompose": run_decompose, "retrain": run_retrain, "prune": run_prune,
+    "finetune": run_finetune, "shrink": run_shrink, "evaluate": run_evaluate, "report": run_report,
+}

@@ -1,0 +1,165 @@
+"""The training loop shared by baseline, retrain and finetune, in-process or on Ray Train workers.
+
+Read like torchvision's ``references/classification/train.py``: build the optimizer and LR
+schedule, then ``train_one_epoch`` / ``evaluate`` per epoch. What PENNI adds is small: an L1
+term on the coefficients, the alternating basis/coefficient schedule, and held masks (which
+need nothing here: they are parametrizations on the model).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import penni
+
+TRAIN_MODES = ("baseline", "retrain", "finetune")
+
+
+@dataclass
+class Hardware:
+    """Where and how a training process computes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def resolve_hardware(tcfg: Any, device: torch.device) -> Hardware:
+    """bf16 autocast and channels-last on GPUs (``"auto"``); plain float32 on CPU."""
+    on_gpu = device.type == "cuda"
+    if tcfg.amp == "bf16" or (tcfg.amp == "auto" and on_gpu and torch.cuda.is_bf16_supported()):
+        amp_dtype = torch.bfloat16
+    else:
+        amp_dtype = None
+    channels_last = on_gpu if tcfg.channels_last == "auto" else bool(tcfg.channels_last)
+    return Hardware(device, amp_dtype, channels_last)
+
+
+def build_optimizer(model: nn.Module, tcfg: Any) -> torch.optim.Optimizer:
+    """SGD (Nesterov, as the paper) or AdamW over every parameter; no decay on BN and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 and "basis" not in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tcfg.lr)
+    return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum, nesterov=tcfg.nesterov and tcfg.momentum > 0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch LR schedule: cosine to zero, multi-step at fractions of the epochs, or constant."""
+    epochs = max(tcfg.epochs, 1)
+    if tcfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if tcfg.lr_schedule == "multistep":
+        milestones = sorted({max(1, int(round(f * epochs))) for f in tcfg.milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tcfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _autocast(hw: Hardware):
+    if hw.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=hw.device.type, dtype=hw.amp_dtype)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, hw: Hardware) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(hw.device, non_blocking=True)
+    if hw.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(hw.device, non_blocking=True)
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Iterable[int]) -> list[int]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hits = pred.eq(y.unsqueeze(1))
+    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    hw: Hardware,
+    *,
+    epoch: int = 0,
+    l1: float = 0.0,
+    include_pointwise: bool = False,
+    schedule: penni.AlternatingSchedule | None = None,
+    label_smoothing: float = 0.0,
+    log_every: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, mean task loss and top-1 (this process's shard)."""
+    model.train()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, ce sum, correct, count
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x, y = _to_device(x, y, hw)
+        with _autocast(hw):
+            logits = model(x)
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = ce + l1 * penni.l1_penalty(model, include_pointwise).to(ce) if l1 > 0 else ce
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower the learning rate or l1")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if schedule is not None:
+            schedule.drop_frozen_gradients(model, epoch)
+        optimizer.step()
+        n = y.shape[0]
+        totals += torch.tensor([loss.item() * n, ce.item() * n, _topk_correct(logits, y, (1,))[0], n], dtype=torch.float64)
+        if log_every and (step + 1) % log_every == 0:
+            log(f"  epoch {epoch} step {step + 1}: loss {totals[0] / totals[3]:.4f}")
+    count = max(float(totals[3]), 1.0)
+    return {"train_loss": float(totals[0]) / count, "train_ce": float(totals[1]) / count,
+            "train_top1": float(totals[2]) / count, "train_seconds": time.perf_counter() - start,
+            "train_samples": float(totals[3])}
+
+
+@torch.no_grad()
+def evaluate_counts(model: nn.Module, loader: Iterable, hw: Hardware) -> torch.Tensor:
+    """``[loss sum, top-1 correct, top-5 correct, count]`` over ``loader`` (sum-reducible across ranks)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)
+    for x, y in loader:
+        x, y = _to_device(x, y, hw)
+        with _autocast(hw):
+            logits = model(x).float()
+        top1, top5 = _topk_correct(logits, y, (1, 5))
+        totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), top1, top5, y.shape[0]],
+                               dtype=torch.float64)
+    return totals
+
+
+def counts_to_metrics(totals: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Turn summed evaluation counts into ``<prefix>_loss``, ``_top1``, ``_top5``."""
+    count = max(float(totals[3]), 1.0)
+    return {f"{prefix}_loss": float(totals[0]) / count, f"{prefix}_top1": float(totals[1]) / count,
+            f"{prefix}_top5": float(totals[2]) / count}
+
+
+def evaluate(model: nn.Module, loader: Iterable, hw: Hardware, prefix: str = "val") -> dict[str, float]:
+    """Loss, top-1 and top-5 of ``model`` over ``loader`` in one process."""
+    return counts_to_metrics(evaluate_counts(model, loader, hw), prefix)
+
+
+def format_epoch(stage: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+    """One progress line per epoch."""
+    parts = [f"[{stage}] epoch {epoch + 1}/{epochs}"]
+    if "phase" in m:
+        parts.append(f"learn={m['phase']}")
+    for key, fmt in (("train_loss", "loss {:.4f}"), ("train_top1", "train {:.2%}"), ("val_top1", "val {:.2%}"),
+                     ("sparsity", "sparsity {:.1%}"), ("lr", "lr {:.4g}"), ("epoch_seconds", "{:.1f}s")):
+        value = m.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(fmt.format(value))
+    return "  ".join(parts)

@@ -1,0 +1,22 @@
+"""Run the PENNI pipeline: baseline -> decompose -> retrain -> prune -> finetune -> shrink -> evaluate -> report.
+
+    python workflows/full_pipeline.py                              # quickstart: local Ray, Fashion-MNIST, SQLite MLflow
+    python workflows/full_pipeline.py --config fashion_vgg16 --set retrain.l1=5e-5
+    ray job submit --working-dir . -- python workflows/full_pipeline.py --config imagenet_resnet50
+
+Re-running the same command skips every stage that is already done and resumes an
+interrupted training stage from its last checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
