@@ -22,18 +22,13 @@ __all__ = [
     "Recipe", "get_recipe", "set_constructor",
 ]
 
-try:  # modules written alongside; imported when present
-    from .shrink import shrink  # noqa: F401
-    __all__.append("shrink")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .profile import profile  # noqa: F401
-    __all__.append("profile")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .serialization import load, save  # noqa: F401
-    __all__ += ["save", "load"]
-except ImportError:  # pragma: no cover
-    pass
+from .dependency import channel_graph, register_channel_rule
+from .profile import Profile, compare, macs_reduction, profile
+from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
+from .shrink import ShrinkReport, shrink
+
+__all__ += [
+    "shrink", "ShrinkReport", "channel_graph", "register_channel_rule",
+    "profile", "Profile", "compare", "macs_reduction",
+    "save", "load", "save_state", "load_state", "recipe_json", "read_metadata", "PenniFormatError",
+]

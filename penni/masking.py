@@ -65,9 +65,24 @@ def iter_masks(model: nn.Module):
                 yield module_name, module, tensor_name, held.mask
 
 
+def _unshare_parametrized_class(module: nn.Module) -> None:
+    """Give a parametrized module its own class before removing a parametrization.
+
+    ``copy.deepcopy`` keeps the dynamic ``Parametrized<Layer>`` class of the original, and
+    ``remove_parametrizations`` deletes the property from that class: baking a copy's masks
+    would break the original model. A private class per module avoids that.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 def bake_masks(model: nn.Module) -> nn.Module:
-    """Remove every held mask, leaving the masked values in plain parameters (in place)."""
+    """Remove every held mask, leaving the masked values in plain parameters (in place).
+
+    Safe on deep copies: the original model keeps its masks.
+    """
     for _, module, tensor_name, _ in list(iter_masks(model)):
+        _unshare_parametrized_class(module)
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return model
 

@@ -8,6 +8,7 @@ directory so an interrupted stage resumes there too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,23 @@ class RayWorld:
             dist.all_reduce(on_device)
             return on_device.cpu()
         return t
+
+
+def replica_digest(model: nn.Module) -> int:
+    """A 63-bit digest of every parameter and buffer's bytes (basis included): equal on all
+    replicas iff DDP kept them bit-identical."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
+def gather_digests(world, model: nn.Module) -> list[int]:
+    """Every rank's ``replica_digest`` (a collective: all ranks must call it)."""
+    mine = torch.zeros(world.world_size, dtype=torch.int64)
+    mine[world.rank] = replica_digest(model)
+    return [int(v) for v in world.all_reduce(mine)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -236,8 +254,15 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
             "sparsity": penni.coefficient_sparsity(unwrap(model), include_pointwise),
             "epoch_seconds": time.perf_counter() - t0,
         }
+        if world.world_size > 1:
+            digests = gather_digests(world, model)
+            metrics["replicas_in_sync"] = float(len(set(digests)) == 1)
+            metrics["replica_digests"] = digests
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"[{job.stage}] data-parallel replicas diverged at epoch {epoch}: digests {digests}")
         if job.stage == "retrain":
-            metrics["l1_penalty"] = float(penni.l1_penalty(unwrap(model), include_pointwise))
+            with torch.no_grad():
+                metrics["l1_penalty"] = float(penni.l1_penalty(unwrap(model), include_pointwise))
         if metrics["val_top1"] > best["val_top1"]:
             best = {"epoch": epoch, "val_top1": metrics["val_top1"]}
             if world.rank == 0:
@@ -246,7 +271,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
         if world.rank == 0:
             print(T.format_epoch(job.stage, epoch, tcfg.epochs, {**metrics, "phase": phase}), flush=True)
             if logger is not None:
-                logger.log(metrics, step=epoch)
+                logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
         _checkpoint(world, unwrap(model), optimizer, scheduler, epoch, best, history, metrics, best_copy)
     shutil.rmtree(best_copy.parent, ignore_errors=True)
     return {"history": history, "best": best}

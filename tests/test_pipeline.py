@@ -1,0 +1,87 @@
+"""End-to-end pipeline on real Ray (2 CPU workers), real MLflow (SQLite) and real Fashion-MNIST."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import STAGES
+from pipeline.runner import main
+from pipeline.tracking import read_runs
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _manifests(root: Path) -> dict[str, dict]:
+    return {s: json.loads((root / s / "manifest.json").read_text()) for s in STAGES}
+
+
+def _run(storage: Path, *extra: str) -> int:
+    return main(["--config", "tiny", "--storage", str(storage), *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(local_ray, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    assert _run(storage) == 0
+    return storage, storage / "tiny"
+
+
+def test_every_stage_committed_with_outputs(first_run):
+    _, root = first_run
+    manifests = _manifests(root)
+    assert set(manifests) == set(STAGES)
+    for stage in ("baseline", "decompose", "retrain", "prune", "finetune", "shrink"):
+        assert "model.safetensors" in manifests[stage]["files"], stage
+    report = root / "report"
+    for name in ("structure.md", "coefficients.png", "reconstructed_weights.png", "learning_curves.png", "summary.md"):
+        assert (report / name).stat().st_size > 0, name
+    ev = json.loads((root / "evaluate" / "evaluation.json").read_text())["summary"]
+    assert 0.0 < ev["compressed_test_top1"] <= 1.0
+    assert ev["sparse_macs_reduction_pct"] > 30.0  # d=5 + pruning on 3x3 convs
+    assert manifests["shrink"]["metrics"]["max_relative_output_change"] < 1e-5
+
+
+def test_mlflow_holds_parent_children_epochs_and_artifacts(first_run):
+    from mlflow.tracking import MlflowClient
+
+    _, root = first_run
+    state = json.loads((root / "pipeline.json").read_text())
+    uri, parent = state["tracking_uri"], state["mlflow_parent_run_id"]
+    client = MlflowClient(uri)
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.params["retrain.l1"]
+    assert "compressed_test_top1" in parent_run.data.metrics
+    runs = read_runs(uri, "penni", parent)
+    by_stage = {r["stage"]: r for r in runs}
+    assert set(by_stage) == set(STAGES)
+    assert all(r["status"] == "FINISHED" for r in runs)
+    retrain = by_stage["retrain"]
+    history = client.get_metric_history(retrain["run_id"], "val_top1")
+    assert [m.step for m in history] == [0]  # tiny: one epoch, logged per epoch by rank 0
+    assert client.get_metric_history(retrain["run_id"], "sparsity")
+    artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
+    assert {"structure.md", "coefficients.png", "learning_curves.png"} <= artifacts
+    assert {"model.safetensors"} <= {a.path for a in client.list_artifacts(by_stage["shrink"]["run_id"])}
+
+
+def test_rerun_skips_everything_then_reruns_only_downstream_of_a_change(first_run):
+    storage, root = first_run
+    before = {s: m["created"] for s, m in _manifests(root).items()}
+    assert _run(storage) == 0
+    assert {s: m["created"] for s, m in _manifests(root).items()} == before
+    assert _run(storage, "--set", "finetune.epochs=2") == 0
+    after = {s: m["created"] for s, m in _manifests(root).items()}
+    upstream = ("baseline", "decompose", "retrain", "prune")
+    assert all(after[s] == before[s] for s in upstream)
+    assert all(after[s] != before[s] for s in STAGES if s not in upstream)
+    assert _manifests(root)["finetune"]["metrics"]["epochs"] == 2
+
+
+def test_bad_config_fails_before_anything_starts(tmp_path, capsys):
+    assert main(["--config", "tiny", "--storage", str(tmp_path), "--set", "retrain.l2=1"]) == 2
+    err = capsys.readouterr().err
+    assert "retrain.l2" in err
+    assert not any(tmp_path.iterdir())
