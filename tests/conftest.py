@@ -20,7 +20,7 @@ os.environ.pop("RAY_ADDRESS", None)
 @pytest.fixture(scope="module")
 def local_ray():
     """A private local Ray instance for one test module (never attaches to a running cluster)."""
-    ray = pytest.importorskip("ray")
+    import ray
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, object_store_memory=300_000_000, include_dashboard=None,

@@ -169,8 +169,6 @@ def test_round_trip_hand_sliced_then_pruned(tmp_path):
 
 
 def test_round_trip_real_shrink(tmp_path):
-    if not (Path(penni.__file__).parent / "shrink.py").exists():
-        pytest.skip("penni/shrink.py does not exist yet")
     from penni.shrink import shrink
 
     torch.manual_seed(4)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pafs = pytest.importorskip("pyarrow.fs")
+import pyarrow.fs as pafs  # noqa: E402
 
 from pipeline.storage import RunStore, StorageError, fingerprint, sha256_file  # noqa: E402
 
@@ -218,9 +218,7 @@ def test_remote_filesystem_path_mock_uri(tmp_path):
 
 def test_remote_copy_fallback_when_move_unsupported(tmp_path):
     """S3/GCS cannot move directories: the commit must fall back to a copy, manifest last."""
-    inner = pafs._MockFileSystem() if hasattr(pafs, "_MockFileSystem") else None
-    if inner is None:
-        pytest.skip("pyarrow has no mock filesystem")
+    inner = pafs._MockFileSystem()
 
     copied = []
 
