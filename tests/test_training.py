@@ -1,0 +1,65 @@
+"""The training loop in-process (no Ray): resumption after a crash, masks held, alternation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import penni
+from penni.models import build_model
+from pipeline import train as T
+from pipeline.config import load_config, to_dict
+from pipeline.distributed import LocalWorld, TrainJob, training_loop
+
+
+def _job(tmp_path, stage: str, epochs: int, model: torch.nn.Module) -> dict:
+    cfg = load_config("tiny", [f"{stage}.epochs={epochs}", "data.train_subset=256", "data.val_subset=64"])
+    path = tmp_path / "input.safetensors"
+    penni.save(model, path)
+    return TrainJob(stage=stage, config=to_dict(cfg), input_model=str(path)).to_dict()
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
+    job = _job(tmp_path, "retrain", 3, model)
+    real = T.train_one_epoch
+    calls = []
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls.append(kwargs["epoch"])
+        if kwargs["epoch"] == 2 and calls.count(2) == 1:
+            raise RuntimeError("simulated node loss")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        training_loop(job, LocalWorld(tmp_path / "ckpt", use_gpu=False))
+    result = training_loop(job, LocalWorld(tmp_path / "ckpt", use_gpu=False))
+    assert calls == [0, 1, 2, 2]  # epochs 0 and 1 were not trained again
+    assert "resuming from epoch 2" in capsys.readouterr().out
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert [h["phase"] for h in result["history"]] == ["coefficients", "basis", "coefficients"]
+
+
+def test_finetune_holds_masks_of_a_pruned_checkpoint(tmp_path):
+    model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
+    penni.prune(model, rule="sparsity", target=0.7)
+    job = _job(tmp_path, "finetune", 2, model)
+    world = LocalWorld(tmp_path / "ckpt", use_gpu=False)
+    training_loop(job, world)
+    trained = penni.load(world.latest_checkpoint() / "model.safetensors")
+    for _, module, name, mask in penni.masking.iter_masks(trained):
+        assert (getattr(module, name)[mask == 0] == 0).all()
+    assert abs(penni.coefficient_sparsity(trained) - 0.7) < 0.01
+    before = penni.penni_layers(model)["features.conv2_1"].coefficients
+    after = penni.penni_layers(trained)["features.conv2_1"].coefficients
+    assert not torch.equal(before, after)  # it did train
+
+
+def test_optimizer_excludes_decay_on_norms_and_biases_but_not_basis():
+    model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
+    cfg = load_config("tiny")
+    opt = T.build_optimizer(model, cfg.retrain)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    layer = penni.penni_layers(model)["features.conv1_1"]
+    assert id(layer.basis) in decayed and id(layer.coefficients) in decayed
+    assert id(model.features.bn1_1.weight) not in decayed
