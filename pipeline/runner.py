@@ -63,7 +63,11 @@ def _start_ray(cfg) -> None:
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                 # Ray Train polls its workers every 2 s by default: on short CPU stages that is most of the time
                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
-    runtime_env = {"env_vars": env_vars}
+    # Under `ray job submit`, Ray merges the job's runtime_env into ours and refuses any env var set in
+    # both (even to the same value): leave those to the job.
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_env}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:

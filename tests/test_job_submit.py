@@ -36,7 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(900)
 
-pytest.importorskip("ray")
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 
 

@@ -54,7 +54,7 @@ def test_replica_digest_sees_one_basis_element_change():
 @pytest.fixture
 def two_node_cluster(tmp_path, monkeypatch):
     """Head (1 CPU) + worker node (1 CPU) on this machine, with a driver connected to it."""
-    ray = pytest.importorskip("ray")
+    import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():  # another module's Ray (conftest's local_ray is module-scoped)
