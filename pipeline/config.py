@@ -263,7 +263,7 @@ class TrainConfig:
 
 @dataclass
 class BaselineConfig(TrainConfig):
-    epochs: int = field(default=4, metadata=_check(_ge(0)))
+    epochs: int = field(default=5, metadata=_check(_ge(0)))
     lr: float = field(default=0.05, metadata=_check(_finite, _gt(0)))
     checkpoint: Optional[str] = None
 
@@ -285,9 +285,9 @@ def _d_check(v: Any) -> str | None:
 
 @dataclass
 class RetrainConfig(TrainConfig):
-    epochs: int = field(default=3, metadata=_check(_ge(0)))
-    lr: float = field(default=0.01, metadata=_check(_finite, _gt(0)))
-    l1: float = field(default=1e-4, metadata=_check(_finite, _ge(0)))
+    epochs: int = field(default=5, metadata=_check(_ge(0)))
+    lr: float = field(default=0.02, metadata=_check(_finite, _gt(0)))
+    l1: float = field(default=3e-3, metadata=_check(_finite, _ge(0)))
     alternate_every: int = field(default=1, metadata=_check(_ge(1)))
     start_with: Literal["coefficients", "basis", "joint"] = "coefficients"
     include_pointwise: bool = False
@@ -296,7 +296,7 @@ class RetrainConfig(TrainConfig):
 @dataclass
 class PruneConfig:
     rule: Literal["std", "sparsity"] = "std"
-    s: float = field(default=1.0, metadata=_check(_finite, _gt(0)))
+    s: float = field(default=1.25, metadata=_check(_finite, _gt(0)))
     target: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
     include_pointwise: bool = False
 
@@ -335,7 +335,7 @@ class PipelineConfig:
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.005))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02))
     shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 

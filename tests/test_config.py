@@ -54,7 +54,7 @@ def test_defaults_equal_quickstart():
     assert load_config(None) == load_config("quickstart")
     cfg = PipelineConfig()
     assert cfg.model.arch == "fashion_cnn"
-    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (4, 3, 2)
+    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (5, 5, 5)
     assert isinstance(cfg.finetune, TrainConfig)
 
 
@@ -63,7 +63,7 @@ def test_partial_section_keeps_section_defaults(tmp_path):
     p = _write(tmp_path, "finetune:\n  epochs: 7\nshrink:\n")
     cfg = load_config(p)
     assert cfg.finetune.epochs == 7
-    assert cfg.finetune.lr == PipelineConfig().finetune.lr == 0.005
+    assert cfg.finetune.lr == PipelineConfig().finetune.lr == 0.02
     assert cfg.shrink.enabled is True
     assert load_config(_write(tmp_path, "", "empty.yaml")) == PipelineConfig()
 
@@ -249,7 +249,7 @@ def test_fingerprint_dependencies():
     )
     # int vs float spelling of the same value is the same config
     assert section_fingerprint(base, "retrain") == section_fingerprint(
-        load_config(None, ["retrain.l1=0.0001"]), "retrain"
+        load_config(None, ["retrain.l1=0.003"]), "retrain"
     )
     fps = {section_fingerprint(base, s) for s in STAGES}
     assert len(fps) == len(STAGES)
