@@ -284,7 +284,8 @@ def run_report(ctx: StageContext) -> dict:
               for stage in ("retrain", "finetune") if (ctx.inputs[stage] / HISTORY_FILE).exists()}
     if curves:
         pictures.append(visualize.plot_learning_curves(curves, out / "learning_curves.png",
-                                                       title="PENNI retraining and fine-tuning"))
+                                                       title="PENNI retraining and fine-tuning",
+                                                       metrics=["loss", "top1", "sparsity", "l1_penalty", "lr"]))
     evaluation = json.loads((ctx.inputs["evaluate"] / "evaluation.json").read_text())
     (out / "summary.md").write_text(summary_markdown(evaluation["summary"], evaluation["models"]))
     _write_json(out / "evaluation.json", evaluation)
