@@ -25,7 +25,7 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")  # room for suptitle + panel titles
     FigureCanvasAgg(fig)
     return fig
 
@@ -286,7 +286,6 @@ def plot_learning_curves(
                 ax.set_xlabel("epoch")
     if title is not None:
         fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -242,14 +242,14 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
                                     include_pointwise=include_pointwise, schedule=schedule,
                                     label_smoothing=tcfg.label_smoothing)
         scheduler.step()
+        n = train_m["train_samples"]
         train_counts = world.all_reduce(torch.tensor(
-            [train_m["train_loss"] * train_m["train_samples"], train_m["train_top1"] * train_m["train_samples"],
-             train_m["train_samples"]], dtype=torch.float64))
+            [train_m["train_ce"] * n, train_m["train_top1"] * n, train_m["train_loss"] * n, n], dtype=torch.float64))
         val_m = T.counts_to_metrics(world.all_reduce(T.evaluate_counts(model, val_loader, hw)), "val")
         metrics = {
             "epoch": epoch, "lr": lr,
-            "train_loss": float(train_counts[0] / train_counts[2]),
-            "train_top1": float(train_counts[1] / train_counts[2]),
+            "train_loss": float(train_counts[0] / train_counts[3]),  # cross-entropy: comparable with val_loss
+            "train_top1": float(train_counts[1] / train_counts[3]),
             **val_m,
             "sparsity": penni.coefficient_sparsity(unwrap(model), include_pointwise),
             "epoch_seconds": time.perf_counter() - t0,
@@ -261,6 +261,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
             if len(set(digests)) != 1:
                 raise RuntimeError(f"[{job.stage}] data-parallel replicas diverged at epoch {epoch}: digests {digests}")
         if job.stage == "retrain":
+            metrics["train_objective"] = float(train_counts[2] / train_counts[3])  # cross-entropy + l1 * |coefficients|
             with torch.no_grad():
                 metrics["l1_penalty"] = float(penni.l1_penalty(unwrap(model), include_pointwise))
         if metrics["val_top1"] > best["val_top1"]:
