@@ -11,6 +11,7 @@ from torch import nn
 import penni
 from penni.masking import get_mask, raw_parameter
 from penni.models import build_model
+from tests.helpers import randomize_batchnorm
 
 torch.manual_seed(0)
 
@@ -19,16 +20,6 @@ MODELS = [
     ("torchvision:resnet18", 64), ("torchvision:resnet50", 64),
 ]
 
-
-def randomize_batchnorm(model: nn.Module) -> None:
-    """Give BN layers non-trivial statistics so eval-mode outputs depend on them."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

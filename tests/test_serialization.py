@@ -19,18 +19,8 @@ from penni.models import build_model
 from penni.recipe import get_recipe, set_constructor
 from penni.serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
 from penni.slicing import add_bias, slice_in, slice_out, slice_penni_basis
+from tests.helpers import randomize_batchnorm
 
-
-def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
-    """Non-trivial BN statistics so eval-mode outputs depend on every sliced channel."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def pruned(arch: str, seed: int = 0) -> nn.Module:

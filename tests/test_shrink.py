@@ -14,21 +14,15 @@ from penni.dependency import channel_graph
 from penni.models import build_model
 from penni.shrink import shrink
 from penni.slicing import add_bias, slice_in, slice_out, slice_penni_basis
+from tests.helpers import randomize_batchnorm as _randomize
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
-    """Non-trivial BN statistics and affine parameters, so BN constants are non-zero and varied."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
 
+
+def randomize_batchnorm(model, seed: int = 1) -> None:
+    _randomize(model, seed, mean_scale=0.2, bias_scale=0.3)
 
 def sparsify(model: nn.Module, fraction: float = 0.9, seed: int = 2) -> None:
     """Zero ``fraction`` of every PenniConv2d's coefficients at random."""
