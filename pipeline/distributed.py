@@ -232,6 +232,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
         logger = EpochLogger(job.tracking_uri, job.mlflow_run_id)
 
     for epoch in range(start_epoch, tcfg.epochs):
+        _maybe_inject_failure(job.stage, epoch)
         t0 = time.perf_counter()
         loader, sampler = _train_loader(splits.train, cfg, world, cfg.seed * 1000 + epoch)
         if sampler is not None:
@@ -275,7 +276,19 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
                 logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
         _checkpoint(world, unwrap(model), optimizer, scheduler, epoch, best, history, metrics, best_copy)
     shutil.rmtree(best_copy.parent, ignore_errors=True)
-    return {"history": history, "best": best}
+    return {"history": history, "best": best, "start_epoch": start_epoch}
+
+
+def _maybe_inject_failure(stage: str, epoch: int) -> None:
+    """Fault injection for resume tests: ``PENNI_FAIL_ONCE=<stage>:<epoch>:<marker file>`` makes the
+    first attempt to start that epoch fail (the marker file records that it did)."""
+    spec = os.environ.get("PENNI_FAIL_ONCE")
+    if not spec:
+        return
+    want_stage, want_epoch, marker = spec.split(":", 2)
+    if (stage, str(epoch)) == (want_stage, want_epoch) and not os.path.exists(marker):
+        Path(marker).write_text("failed once")
+        raise RuntimeError(f"injected failure at {stage} epoch {epoch} (PENNI_FAIL_ONCE)")
 
 
 def _checkpoint(world, model, optimizer, scheduler, epoch, best, history, metrics, best_copy: Path) -> None:

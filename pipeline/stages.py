@@ -176,6 +176,7 @@ def run_shrink(ctx: StageContext) -> dict:
     max_error = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
     after = penni.profile(small, x)
     save(small, ctx.out_dir / MODEL_FILE)
+    (ctx.out_dir / "recipe.json").write_text(penni.recipe_json(small))  # also inside the safetensors metadata
     (ctx.out_dir / "structure.md").write_text(profile_compare(before, after))
     before.to_csv(ctx.out_dir / "structure_before.csv")
     after.to_csv(ctx.out_dir / "structure_after.csv")
