@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -10,9 +11,9 @@ import penni
 from penni.models import build_model
 from pipeline.config import load_config, to_dict
 from pipeline.distributed import TrainJob, run_training
-from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(600)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
