@@ -109,7 +109,6 @@ class PenniConv2d(nn.Module):
         Map ``c * d + j`` is input channel ``c`` convolved with basis kernel ``j`` (the pairing the
         reference code's ``forward_test`` got wrong), which matches ``coefficients.reshape(out, -1)``.
         """
-        d = self.d
         basis = self.basis.unsqueeze(1).repeat(self.in_channels, 1, 1, 1)  # (Cin*d, 1, kh, kw)
         maps = F.conv2d(x, basis, None, self.stride, self.padding, self.dilation, self.in_channels)
         mix = self.coefficients.reshape(self.out_channels, -1, 1, 1)

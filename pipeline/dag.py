@@ -10,13 +10,11 @@ chained by their results; training stages fan out to Ray Train from the driver.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .config import STAGES, PipelineConfig, flatten, from_dict, section_fingerprint, to_dict
 from .distributed import TrainJob, run_training
@@ -85,13 +83,18 @@ class Pipeline:
             plan[stage] = "run" if upstream_runs else "skip"
         return plan
 
-    def run(self) -> list[StageOutcome]:
+    def run(self, stages: Sequence[str] | None = None) -> list[StageOutcome]:
+        """Run (or skip) every stage, or only ``stages`` (in pipeline order; e.g. ``["baseline"]``)."""
+        unknown = sorted(set(stages or ()) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGES)}")
+        selected = [s for s in STAGES if stages is None or s in stages]
         plan = self.plan()
         to_run = [s for s in STAGES if plan[s] == "run"]
         self.store.invalidate_from(to_run)  # downstream outputs of a re-run stage are stale
-        self.log("plan: " + ", ".join(f"{s}={plan[s]}" for s in STAGES))
+        self.log("plan: " + ", ".join(f"{s}={plan[s]}" for s in selected))
         outcomes = []
-        for stage in STAGES:
+        for stage in selected:
             if plan[stage] == "skip":
                 manifest = self.store.read_manifest(stage) or {}
                 if self.tracker is not None:

@@ -284,20 +284,26 @@ class FashionMNISTSplit(Dataset):
         return x, int(self.labels[j])
 
 
-def _build_fashion(data_cfg: Any, seed: int) -> DataSplits:
-    directory = find_fashion_mnist(_cfg(data_cfg, "root"))
-    t = _load_fashion(str(directory.resolve()))
-    size = int(_cfg(data_cfg, "image_size", 32) or 32)
-    train_labels = t["train_labels"].numpy()
+def _split_indices(data_cfg: Any, seed: int, train_labels: np.ndarray, test_labels: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation (held out of train, stratified) / test indices, each optionally a
+    seeded class-balanced subset; every choice has its own random stream."""
     tr, va = _stratified_holdout(train_labels, _cfg(data_cfg, "val_fraction", 0.1),
                                  np.random.default_rng([seed, 0]))
     tr = _balanced_subset(tr, train_labels[tr], _cfg(data_cfg, "train_subset"),
                           np.random.default_rng([seed, 1]), "data.train_subset")
     va = _balanced_subset(va, train_labels[va], _cfg(data_cfg, "val_subset"),
                           np.random.default_rng([seed, 2]), "data.val_subset")
-    te = np.arange(len(t["test_labels"]), dtype=np.int64)
-    te = _balanced_subset(te, t["test_labels"].numpy(), _cfg(data_cfg, "test_subset"),
+    te = _balanced_subset(np.arange(len(test_labels), dtype=np.int64), test_labels, _cfg(data_cfg, "test_subset"),
                           np.random.default_rng([seed, 3]), "data.test_subset")
+    return tr, va, te
+
+
+def _build_fashion(data_cfg: Any, seed: int) -> DataSplits:
+    directory = find_fashion_mnist(_cfg(data_cfg, "root"))
+    t = _load_fashion(str(directory.resolve()))
+    size = int(_cfg(data_cfg, "image_size", 32) or 32)
+    tr, va, te = _split_indices(data_cfg, seed, t["train_labels"].numpy(), t["test_labels"].numpy())
     return DataSplits(
         train=FashionMNISTSplit(t["train_images"], t["train_labels"], tr, size, True, "train"),
         val=FashionMNISTSplit(t["train_images"], t["train_labels"], va, size, False, "train"),
@@ -370,16 +376,8 @@ def _build_folder_like(data_cfg: Any, seed: int, train_base: Any, test_base: Any
                         f"({len(test_base.classes)}) differ; both splits need the same class set.")
     size = int(_cfg(data_cfg, "image_size", 224) or 224)
     train_tf, eval_tf = imagenet_transforms(size)
-    labels = np.asarray(train_base.targets, dtype=np.int64)
-    tr, va = _stratified_holdout(labels, _cfg(data_cfg, "val_fraction", 0.1),
-                                 np.random.default_rng([seed, 0]))
-    tr = _balanced_subset(tr, labels[tr], _cfg(data_cfg, "train_subset"),
-                          np.random.default_rng([seed, 1]), "data.train_subset")
-    va = _balanced_subset(va, labels[va], _cfg(data_cfg, "val_subset"),
-                          np.random.default_rng([seed, 2]), "data.val_subset")
-    test_labels = np.asarray(test_base.targets, dtype=np.int64)
-    te = _balanced_subset(np.arange(len(test_labels)), test_labels, _cfg(data_cfg, "test_subset"),
-                          np.random.default_rng([seed, 3]), "data.test_subset")
+    tr, va, te = _split_indices(data_cfg, seed, np.asarray(train_base.targets, dtype=np.int64),
+                                np.asarray(test_base.targets, dtype=np.int64))
     return DataSplits(train=TransformSubset(train_base, tr, train_tf),
                       val=TransformSubset(train_base, va, eval_tf),
                       test=TransformSubset(test_base, te, eval_tf),

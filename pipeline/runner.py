@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, apply_overrides, available_configs, dump_yaml, flatten, load_config
+from .config import ConfigError, available_configs, dump_yaml, flatten, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """Core layer tests: decomposition exactness, forward modes, held masks, L1, alternation."""
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
