@@ -233,6 +233,9 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
 
     for epoch in range(start_epoch, tcfg.epochs):
         _maybe_inject_failure(job.stage, epoch)
+        # augmentation draws from the global generator: seed it per (epoch, rank) so an epoch is
+        # the same whether or not it follows a resume, or other work in this process
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + world.rank)
         t0 = time.perf_counter()
         loader, sampler = _train_loader(splits.train, cfg, world, cfg.seed * 1000 + epoch)
         if sampler is not None:

@@ -80,14 +80,22 @@ def _tracker(cfg, cli_uri: str | None, store):
     except ImportError:
         print("MLflow is not installed: tracking is off (pip install 'mlflow>=3.7,<4')")
         return None
-    from .tracking import Tracker, resolve_tracking_uri
+    from .tracking import resolve_tracking_uri
 
     root = store.local_path("mlflow") if store.is_local else None
     uri = resolve_tracking_uri(cli_uri, cfg.tracking.uri, root.parent if root is not None else None)
-    tracker = Tracker(uri, cfg.tracking.experiment, cfg.name)
+    return attach_tracker(cfg, uri, store)
+
+
+def attach_tracker(cfg, tracking_uri: str, store, tags: dict | None = None):
+    """The MLflow parent run of this pipeline run: re-attached through ``pipeline.json`` on resume."""
+    from .tracking import Tracker
+
+    tracker = Tracker(tracking_uri, cfg.tracking.experiment, cfg.name)
     state = store.read_json("pipeline.json") or {}
-    parent = tracker.start_parent(state.get("mlflow_parent_run_id"), flatten(cfg), tags={"penni.config": cfg.name})
-    store.write_json_atomic("pipeline.json", {**state, "mlflow_parent_run_id": parent, "tracking_uri": uri})
+    parent = tracker.start_parent(state.get("mlflow_parent_run_id"), flatten(cfg),
+                                  tags={"penni.config": cfg.name, **(tags or {})})
+    store.write_json_atomic("pipeline.json", {**state, "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri})
     return tracker
 
 
