@@ -43,6 +43,36 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def preflight(cfg) -> list[str]:
+    """Checks against this machine before anything starts: the model can be built, the files the
+    config names exist, the dataset can be found. Returns the problems found."""
+    problems = []
+    try:
+        import torch
+
+        from penni.models import build_model
+
+        with torch.device("meta"):
+            build_model(cfg.model.arch, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
+                        **cfg.model.kwargs)
+    except (ValueError, TypeError) as err:
+        problems.append(f"model: {err}")
+    for key, value in (("model.weights", cfg.model.weights), ("baseline.checkpoint", cfg.baseline.checkpoint)):
+        if value and "://" not in value and not Path(value).expanduser().is_file():
+            problems.append(f"{key}: file {value!r} does not exist")
+    try:
+        from .data import DataError, find_fashion_mnist
+
+        if cfg.data.dataset == "fashion_mnist":
+            find_fashion_mnist(cfg.data.root)
+        elif cfg.data.dataset in ("imagefolder", "parquet") and "://" not in cfg.data.root:
+            if not Path(cfg.data.root).expanduser().is_dir():
+                problems.append(f"data.root: directory {cfg.data.root!r} does not exist")
+    except DataError as err:
+        problems.append(f"data: {err}")
+    return problems
+
+
 def _use_ray(cfg) -> bool:
     if cfg.ray.in_process:
         return False
@@ -129,6 +159,11 @@ def main(argv: Sequence[str]) -> int:
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
+    problems = preflight(cfg)
+    if problems:
+        print("error: the configuration does not fit this machine:\n" + "\n".join(f"  - {p}" for p in problems),
+              file=sys.stderr)
+        return 2
     from .dag import Pipeline
     from .storage import RunStore, StorageError
 

@@ -113,3 +113,13 @@ def test_pipeline_runs_on_parquet_shards_of_a_generated_image_tree(tmp_path):
     assert main(args) == 0
     ev = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "evaluation.json").read_text())
     assert ev["models"]["compressed"]["test_top5"] == 1.0  # 3 classes: top-5 covers all
+
+
+def test_missing_files_and_unknown_models_fail_before_anything_starts(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    for override, expected in (("model.weights=/nonexistent/resnet50.pth", "model.weights"),
+                               ("model.arch=resnet9000", "unknown model arch"),
+                               ("baseline.checkpoint=/nonexistent/model.safetensors", "baseline.checkpoint")):
+        assert main(["--config", "tiny", "--storage", str(storage), "--set", override]) == 2
+        assert expected in capsys.readouterr().err
+    assert not storage.exists()
