@@ -33,6 +33,7 @@ from typing import Sequence
 
 from .config import STAGES, ConfigError, PipelineConfig, apply_overrides, available_configs, \
     from_dict, load_config, to_dict
+from .runner import preflight
 
 SWEEP_TAG = "penni.sweep"
 OBJECTIVES = ("val_top1", "sparse_macs_reduction_pct")  # both maximized; the Pareto front and Optuna's
@@ -208,6 +209,9 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
                      args.max_concurrent, args.max_failures, None, os.getcwd(), args.config or "quickstart")
     for d, l1 in itertools.product(d_values, l1_values):  # every trial's config is valid before anything starts
         plan.trial_config(d, l1)
+    problems = preflight(base_cfg)
+    if problems:
+        raise SweepUsageError("the configuration does not fit this machine:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
         import mlflow  # noqa: F401
     except ImportError:

@@ -110,3 +110,13 @@ def test_names_lists_and_pareto_front():
     rows = [{"val_top1": 0.9, "sparse_macs_reduction_pct": 50.0}, {"val_top1": 0.8, "sparse_macs_reduction_pct": 70.0},
             {"val_top1": 0.8, "sparse_macs_reduction_pct": 40.0}, {"val_top1": 0.9, "sparse_macs_reduction_pct": 50.0}]
     assert pareto_front(rows) == [True, True, False, True]
+
+
+def test_sweep_with_a_missing_weights_file_fails_before_anything_is_written(tmp_path, capsys):
+    from pipeline.sweep import main as sweep_main
+
+    storage = tmp_path / "sweep"
+    assert sweep_main(["--config", "tiny", "--d", "3", "--l1", "1e-3", "--storage", str(storage),
+                       "--set", "model.weights=/nonexistent/weights.pth"]) == 2
+    assert "model.weights" in capsys.readouterr().err
+    assert not storage.exists()
