@@ -112,8 +112,8 @@ def _tracker(cfg, cli_uri: str | None, store):
         return None
     from .tracking import resolve_tracking_uri
 
-    root = store.local_path("mlflow") if store.is_local else None
-    uri = resolve_tracking_uri(cli_uri, cfg.tracking.uri, root.parent if root is not None else None)
+    run_root = Path(store.root) if store.is_local else None  # the SQLite store lives beside the stages
+    uri = resolve_tracking_uri(cli_uri, cfg.tracking.uri, run_root)
     return attach_tracker(cfg, uri, store)
 
 
