@@ -5,8 +5,9 @@ with a manifest (``pipeline.storage``); a stage whose manifest matches its finge
 hash of its config section and of its inputs' fingerprints) is skipped, so changing
 ``finetune.epochs`` re-runs ``finetune`` and everything downstream of it, nothing upstream.
 An interrupted training stage resumes from its last Ray Train checkpoint, because its
-``RunConfig.name`` is derived from that same fingerprint. Non-training stages run as Ray tasks
-chained by their results; training stages fan out to Ray Train from the driver.
+``RunConfig.name`` is derived from that same fingerprint and the content hash of its input model
+(``training_run_name``). Non-training stages run as Ray tasks chained by their results; training
+stages fan out to Ray Train from the driver.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import STAGES, PipelineConfig, flatten, from_dict, section_fingerprint, to_dict
-from .distributed import TrainJob, run_training
+from .distributed import TrainJob, run_training, training_run_name
 from .stages import STAGE_FUNCTIONS, STAGE_INPUTS, TRAINING_STAGES, StageContext
 from .storage import RunStore, fingerprint
 
@@ -52,7 +53,7 @@ def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: 
 
         def train(job: TrainJob):
             return run_training(
-                job, use_ray=use_ray_train, run_name=f"{stage}-{stage_fingerprint[:12]}",
+                job, use_ray=use_ray_train, run_name=training_run_name(stage, stage_fingerprint, job.input_model),
                 storage=store.train_storage(), num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                 cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures, local_dir=scratch)
 

@@ -5,12 +5,20 @@
 ``ray.train.get_checkpoint()``, DDP through ``prepare_model``); ``LocalWorld`` runs the same
 loop in-process (GPU machines without Ray, debugging, unit tests), checkpointing to a local
 directory so an interrupted stage resumes there too.
+
+Every checkpoint directory carries ``checksums.json`` (the sha256 of each of its files, written
+before the checkpoint is reported); resuming verifies it and discards a checkpoint that fails
+(one warning line), falling back to an older checkpoint of the run or to the stage input. The run
+directory is keyed by ``training_run_name``: the stage's fingerprint and the content hash of its
+input model, so an upstream stage that produced different weights is never resumed into.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -28,18 +36,79 @@ from penni.serialization import load, load_state, save
 from . import train as T
 from .config import from_dict
 from .data import build_datasets, make_loader
+from .storage import fingerprint, sha256_file
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+CHECKSUMS_FILE = "checksums.json"
+REQUIRED_FILES = (MODEL_FILE, STATE_FILE, HISTORY_FILE)
+
+
+def training_run_name(stage: str, stage_fingerprint: str, input_model: str | os.PathLike | None) -> str:
+    """``<stage>-<key>``: the key hashes the stage's fingerprint (its config and its inputs' configs) and
+    the sha256 of the input model file, so a run directory is only ever resumed with the same inputs."""
+    content = sha256_file(input_model) if input_model else None
+    return f"{stage}-{fingerprint(stage_fingerprint, content)[:12]}"
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the sha256 of every file of a checkpoint directory in ``checksums.json`` (written last)."""
+    files = {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir())
+             if p.is_file() and p.name != CHECKSUMS_FILE}
+    (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why the checkpoint in ``directory`` must not be resumed from (None when every file matches)."""
+    directory = Path(directory)
+    try:
+        listed = json.loads((directory / CHECKSUMS_FILE).read_text())["sha256"]
+    except FileNotFoundError:
+        return f"it has no {CHECKSUMS_FILE}"
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return f"its {CHECKSUMS_FILE} is unreadable ({type(err).__name__})"
+    if not isinstance(listed, dict):
+        return f"its {CHECKSUMS_FILE} is unreadable (not a mapping)"
+    missing = [name for name in REQUIRED_FILES if name not in listed]
+    if missing:
+        return f"its {CHECKSUMS_FILE} does not list {', '.join(missing)}"
+    for name, digest in sorted(listed.items()):
+        path = directory / name
+        if os.sep in name or name in ("", ".", "..") or not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def first_good_checkpoint(stage: str, candidates, rank: int) -> Path | None:
+    """The first of ``candidates`` (newest first; directories or callables opening one) that passes
+    ``checkpoint_problem``; rank 0 prints one warning line per checkpoint it discards."""
+    discarded: list[tuple[str, str]] = []
+    chosen = None
+    for candidate in candidates:
+        directory = candidate() if callable(candidate) else candidate
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            chosen = Path(directory)
+            break
+        discarded.append((str(directory), problem))
+    if rank == 0:
+        fallback = f"checkpoint {chosen}" if chosen is not None else "the stage input"
+        for directory, problem in discarded:
+            print(f"[{stage}] warning: discarding checkpoint {directory}: {problem}; resuming from {fallback}",
+                  flush=True)
+    return chosen
 
 
 class LocalWorld:
     """A world of one process; checkpoints go to ``checkpoint_dir`` (resumable)."""
 
-    def __init__(self, checkpoint_dir: Path, use_gpu: bool) -> None:
+    def __init__(self, checkpoint_dir: Path, use_gpu: bool, stage: str = "train") -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.stage = stage
         self.rank, self.world_size = 0, 1
         want_gpu = use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if want_gpu else "cpu")
@@ -48,23 +117,22 @@ class LocalWorld:
         return model.to(self.device)
 
     def latest_checkpoint(self) -> Path | None:
-        latest = self.checkpoint_dir / "latest"
-        return latest if (latest / STATE_FILE).exists() else None
+        """``latest``, else ``previous`` (the one before it), whichever first passes its checksums."""
+        candidates = [self.checkpoint_dir / name for name in ("latest", "previous")]
+        return first_good_checkpoint(self.stage, [c for c in candidates if c.is_dir()], self.rank)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Commit ``checkpoint_dir`` as ``latest``, keeping the one before as ``previous``."""
         if checkpoint_dir is None:
             return
-        target = self.checkpoint_dir / "latest"
+        target, previous = self.checkpoint_dir / "latest", self.checkpoint_dir / "previous"
         staging = self.checkpoint_dir / f"latest.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint_dir, staging)
         if target.exists():
-            old = self.checkpoint_dir / f"latest.old-{os.getpid()}"
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
+            shutil.rmtree(previous, ignore_errors=True)
+            target.rename(previous)
+        staging.rename(target)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -82,17 +150,32 @@ class RayWorld:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._checkpoint_context = None
+        self.stage = "train"
+        self._opened = contextlib.ExitStack()  # checkpoint directories stay open for this worker's life
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return self._torch.prepare_model(model)
 
     def latest_checkpoint(self) -> Path | None:
+        """Ray Train's latest checkpoint, else the older ones kept in the run directory (newest first),
+        whichever first passes its checksums; None (start from the stage input) if none does."""
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None:
             return None
-        self._checkpoint_context = checkpoint.as_directory()
-        return Path(self._checkpoint_context.__enter__())
+        candidates = [checkpoint, *self._older_checkpoints(checkpoint)]
+        opener = lambda c: (lambda: Path(self._opened.enter_context(c.as_directory())))  # noqa: E731
+        return first_good_checkpoint(self.stage, [opener(c) for c in candidates], self.rank)
+
+    def _older_checkpoints(self, latest) -> list:
+        """The other ``checkpoint_*`` directories beside ``latest`` that are older (names are timestamps)."""
+        import pyarrow.fs
+        from ray.train import Checkpoint
+
+        run_dir, name = posixpath.split(latest.path.rstrip("/"))
+        entries = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+        older = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
+                        and e.base_name.startswith("checkpoint_") and e.base_name < name), reverse=True)
+        return [Checkpoint(posixpath.join(run_dir, n), filesystem=latest.filesystem) for n in older]
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         from ray.train import Checkpoint
@@ -192,6 +275,9 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
     world = world or RayWorld()
     tcfg = _stage_section(cfg, job.stage)
 
+    world.stage = job.stage
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    T.check_trainable(cfg, splits, num_workers=world.world_size)
     model = _initial_model(job, cfg)
     hw = T.resolve_hardware(tcfg, world.device)
     history: list[dict] = []
@@ -222,7 +308,6 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
     l1 = tcfg.l1 if retraining else 0.0
     include_pointwise = bool(getattr(tcfg, "include_pointwise", False))
 
-    splits = build_datasets(cfg.data, seed=cfg.seed)
     val_loader = make_loader(_shard(splits.val, world.rank, world.world_size), cfg.data.eval_batch_size,
                              shuffle=False, workers=cfg.data.loader_workers)
     logger = None
@@ -242,13 +327,20 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
             sampler.set_epoch(epoch)
         phase = schedule.start_epoch(model, optimizer, epoch) if schedule else "all"
         lr = optimizer.param_groups[0]["lr"]
-        train_m = T.train_one_epoch(model, loader, optimizer, hw, epoch=epoch, l1=l1,
-                                    include_pointwise=include_pointwise, schedule=schedule,
-                                    label_smoothing=tcfg.label_smoothing)
+        try:
+            train_m = T.train_one_epoch(model, loader, optimizer, hw, epoch=epoch, l1=l1,
+                                        include_pointwise=include_pointwise, schedule=schedule,
+                                        label_smoothing=tcfg.label_smoothing)
+        except T.NonFiniteLossError as err:
+            raise T.NonFiniteLossError(f"[{job.stage}] {err}: {T.non_finite_loss_advice(job.stage, tcfg)}") from None
         scheduler.step()
         n = train_m["train_samples"]
         train_counts = world.all_reduce(torch.tensor(
             [train_m["train_ce"] * n, train_m["train_top1"] * n, train_m["train_loss"] * n, n], dtype=torch.float64))
+        if train_counts[3] == 0:
+            raise T.TrainingError(f"[{job.stage}] epoch {epoch} saw no training batch ({len(splits.train)} images, "
+                                  f"data.batch_size={cfg.data.batch_size}, {world.world_size} worker(s)): "
+                                  "lower data.batch_size or raise data.train_subset")
         val_m = T.counts_to_metrics(world.all_reduce(T.evaluate_counts(model, val_loader, hw)), "val")
         metrics = {
             "epoch": epoch, "lr": lr,
@@ -306,6 +398,7 @@ def _checkpoint(world, model, optimizer, scheduler, epoch, best, history, metric
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epoch": epoch, "best": best}, directory / STATE_FILE)
             (directory / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+            write_checksums(directory)  # before the report: a checkpoint is never visible without them
         world.report(metrics, directory)
 
 
@@ -319,10 +412,9 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
     Without Ray: the same loop in this process, checkpointing under ``local_dir``.
     """
     if not use_ray:
-        world = LocalWorld(local_dir / run_name, use_gpu)
+        world = LocalWorld(local_dir / run_name, use_gpu, job.stage)
         result = training_loop(job.to_dict(), world)
-        latest = world.latest_checkpoint()
-        return latest, result
+        return _verified(world.checkpoint_dir / "latest", run_name), result
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -337,12 +429,40 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        raise _training_error_inside(err) or err
     if result.error:
-        raise result.error
+        raise _training_error_inside(result.error) or result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} reported no checkpoint")
     target = local_dir / run_name / "final"
     shutil.rmtree(target, ignore_errors=True)
     result.checkpoint.to_directory(str(target))
-    return target, result.return_value or {}
+    return _verified(target, run_name), result.return_value or {}
+
+
+def _verified(directory: Path, run_name: str) -> Path:
+    """``directory`` if its checksums match; a checkpoint that changed after training is never published."""
+    problem = checkpoint_problem(directory)
+    if problem is not None:
+        raise RuntimeError(f"the final checkpoint of training run {run_name} ({directory}) failed verification: "
+                           f"{problem}; re-run to train it again")
+    return directory
+
+
+def _training_error_inside(err: BaseException) -> T.TrainingError | None:
+    """The ``TrainingError`` a Ray Train worker raised, unwrapped (so it reads as one line and is not retried)."""
+    seen = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError wrapping the worker's exception
+        if isinstance(e, T.TrainingError):
+            return cause if isinstance(cause, T.TrainingError) else e
+        todo += [cause, e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+    return None

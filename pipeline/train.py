@@ -22,6 +22,57 @@ import penni
 TRAIN_MODES = ("baseline", "retrain", "finetune")
 
 
+class TrainingError(ValueError):
+    """Training cannot make progress with this config (no batch, non-finite loss): the message says what
+    to change. A ValueError so that stage retries, which would fail the same way, leave it alone."""
+
+
+class NonFiniteLossError(TrainingError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def batches_per_worker(train_size: int, batch_size: int, num_workers: int) -> int:
+    """Training steps per epoch on each worker: the distributed sampler and the loader both drop the
+    last incomplete batch, so a worker sees ``floor(floor(train_size / workers) / batch_size)``."""
+    return (int(train_size) // max(int(num_workers), 1)) // int(batch_size)
+
+
+def _train_size(splits_or_size: Any) -> int:
+    if isinstance(splits_or_size, int):
+        return splits_or_size
+    if isinstance(splits_or_size, dict):
+        return int(splits_or_size["train"])
+    return len(splits_or_size.train)
+
+
+def check_trainable(cfg: Any, splits_or_sizes: Any, num_workers: int | None = None) -> None:
+    """Raise ``TrainingError`` when a training stage of ``cfg`` would see no batch in an epoch.
+
+    ``splits_or_sizes``: the ``DataSplits``, the training split's size, or ``{"train": size}``.
+    ``num_workers`` defaults to the config's (1 when the pipeline runs in-process)."""
+    if not any(getattr(cfg, stage).epochs > 0 for stage in TRAIN_MODES):
+        return
+    train_size = _train_size(splits_or_sizes)
+    workers = num_workers or (1 if cfg.ray.in_process else cfg.ray.num_workers)
+    batch = cfg.data.batch_size
+    if batches_per_worker(train_size, batch, workers) > 0:
+        return
+    subset = cfg.data.train_subset
+    source = (f"data.train_subset={subset}" if subset == train_size
+              else f"a training split of {train_size} images")
+    raise TrainingError(f"{source} gives 0 batches of {batch} per worker with {workers} worker"
+                        f"{'s' if workers != 1 else ''}: lower data.batch_size"
+                        f"{', use fewer ray.num_workers' if workers > 1 else ''} or raise data.train_subset")
+
+
+def non_finite_loss_advice(stage: str, tcfg: Any) -> str:
+    """What to change when ``stage``'s loss diverges."""
+    knobs = [f"{stage}.lr (now {tcfg.lr:g})"]
+    if getattr(tcfg, "l1", 0) > 0:
+        knobs.append(f"{stage}.l1 (now {tcfg.l1:g})")
+    return "lower " + " or ".join(knobs)
+
+
 @dataclass
 class Hardware:
     """Where and how a training process computes."""
@@ -109,7 +160,7 @@ def train_one_epoch(
             ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         loss = ce + l1 * penni.l1_penalty(model, include_pointwise).to(ce) if l1 > 0 else ce
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower the learning rate or l1")
+            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch} step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if schedule is not None:
