@@ -25,6 +25,9 @@ __all__ = [
     "DataError",
     "DataSplits",
     "build_datasets",
+    "check_dataset",
+    "find_data_error",
+    "load_image_file",
     "make_loader",
     "example_batch",
     "find_fashion_mnist",
@@ -57,7 +60,9 @@ _FASHION_FILES = {
 }
 _CLASSES_KEY = b"penni.classes"
 _SPLIT_KEY = b"penni.split"
+_FASHION_NAMES = ", ".join(f"{stem}[.gz]" for stem in _FASHION_FILES.values())
 DATASETS = ("fashion_mnist", "imagefolder", "parquet", "synthetic")
+SCAN_LIMIT = 50_000  # preflight decodes the headers of at most this many images per split
 
 
 class DataError(ValueError):
@@ -184,19 +189,16 @@ def _has_fashion(directory: pathlib.Path) -> bool:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None, download: bool = True) -> pathlib.Path:
-    """Directory holding the four Fashion-MNIST idx files: ``root`` (or its torchvision
-    ``FashionMNIST/raw``), then the Debian ``dataset-fashion-mnist`` package, then a download."""
-    tried: list[str] = []
-    candidates = []
+    """Directory holding the four Fashion-MNIST idx files. An explicit ``root`` must hold them
+    (in itself or its torchvision ``FashionMNIST/raw``); without one: the Debian
+    ``dataset-fashion-mnist`` package, then a torchvision download into ``~/.cache/penni``."""
     if root:
-        r = pathlib.Path(root).expanduser()
-        candidates += [r, r / "FashionMNIST" / "raw"]
-    candidates.append(DEBIAN_FASHION_DIR)
-    for c in candidates:
-        if _has_fashion(c):
-            return c
-        tried.append(str(c))
-    dl_root = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "penni"
+        return _fashion_in_root(pathlib.Path(root).expanduser())
+    if _has_fashion(DEBIAN_FASHION_DIR):
+        return DEBIAN_FASHION_DIR
+    dl_root = pathlib.Path.home() / ".cache" / "penni"
+    if _has_fashion(dl_root / "FashionMNIST" / "raw"):
+        return dl_root / "FashionMNIST" / "raw"
     reason = "download disabled"
     if download:
         try:
@@ -210,13 +212,24 @@ def find_fashion_mnist(root: str | os.PathLike | None, download: bool = True) ->
         except Exception as e:  # no network, mirror down, disk full, ...
             reason = f"{type(e).__name__}: {e}"
     raise DataError(
-        "Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) were not found. Looked in: "
-        + ", ".join(tried) + f"; torchvision download into {dl_root} failed ({reason}). Fix one of: "
-        "(1) put the four files in data.root (or data.root/FashionMNIST/raw); "
+        f"Fashion-MNIST idx files ({_FASHION_NAMES}) were not found. Looked in: {DEBIAN_FASHION_DIR}, "
+        f"{dl_root / 'FashionMNIST' / 'raw'}; torchvision download into {dl_root} failed ({reason}). "
+        "Fix one of: (1) put the four files in a directory and set data.root to it; "
         "(2) `apt-get install -y dataset-fashion-mnist` (installs them in "
         f"{DEBIAN_FASHION_DIR}); (3) run once with network access so torchvision can download "
         f"them into {dl_root}.")
+
+
+def _fashion_in_root(root: pathlib.Path) -> pathlib.Path:
+    """The Fashion-MNIST directory inside an explicitly given data.root (never another copy)."""
+    for candidate in (root, root / "FashionMNIST" / "raw"):
+        if _has_fashion(candidate):
+            return candidate
+    raise DataError(
+        f"data.root={str(root)!r} does not hold Fashion-MNIST: the idx files ({_FASHION_NAMES}) are "
+        f"not in {root} nor in {root / 'FashionMNIST' / 'raw'}. Put them there (e.g. from "
+        f"`apt-get install -y dataset-fashion-mnist`, in {DEBIAN_FASHION_DIR}), or remove data.root "
+        "to use the system copy or a torchvision download.")
 
 
 @functools.lru_cache(maxsize=2)
@@ -385,11 +398,23 @@ def _build_folder_like(data_cfg: Any, seed: int, train_base: Any, test_base: Any
                       classes=tuple(train_base.classes))
 
 
+def load_image_file(path: str):
+    """An image file as a PIL RGB image; an undecodable file is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"cannot decode the image {path} ({type(e).__name__}: {e}); "
+                        "remove or replace that file.") from None
+
+
 def _image_folder(directory: pathlib.Path):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(directory))
+        return ImageFolder(str(directory), loader=load_image_file)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{directory} is not a usable ImageFolder split ({e}); it needs one "
                         f"sub-directory per class holding image files.") from None
@@ -689,6 +714,132 @@ def _build_synthetic(data_cfg: Any, seed: int) -> DataSplits:
                       test=SyntheticDataset(n_test, c, s, k, seed * 3 + 2),
                       num_classes=k, in_channels=c, image_size=s,
                       classes=tuple(str(i) for i in range(k)))
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before anything starts (preflight)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_dataset(data_cfg: Any, num_classes: int) -> None:
+    """Check that the dataset is where ``data_cfg`` says, has ``num_classes`` classes, no empty
+    class and no undecodable image (header check, up to SCAN_LIMIT per split); raise DataError."""
+    name = _cfg(data_cfg, "dataset")
+    root = _cfg(data_cfg, "root")
+    if name == "fashion_mnist":
+        find_fashion_mnist(root)
+        found = [len(FASHION_CLASSES)]
+    elif name in ("imagefolder", "parquet"):
+        if root and "://" in str(root):
+            return  # remote shards are checked when they are read
+        train_dir, val_dir = _split_dirs(root, name)
+        check = _check_image_tree if name == "imagefolder" else _check_shards
+        found = [check(train_dir), check(val_dir)]
+    else:
+        return
+    if int(found[0]) != int(num_classes):
+        what = "Fashion-MNIST" if name == "fashion_mnist" else f"data.root={str(root)!r}"
+        fix = "" if name == "fashion_mnist" else "fix the class folders or "
+        raise DataError(f"{what} has {found[0]} classes but model.num_classes={num_classes}; they must "
+                        f"be equal ({fix}set model.num_classes={found[0]}).")
+
+
+def _evenly(items: Sequence, limit: int) -> list:
+    """At most ``limit`` items spread evenly over ``items`` (all of them when few)."""
+    if len(items) <= limit:
+        return list(items)
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
+def _undecodable(data_or_path: Any) -> str | None:
+    """Why an image cannot be decoded (header parse + PIL verify), or None when it looks fine."""
+    from PIL import Image
+
+    try:
+        source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+        with Image.open(source) as img:
+            img.verify()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _first_bad(items: Sequence[tuple[str, Any]]) -> tuple[str, str] | None:
+    """The first ``(where, why)`` among ``(where, path or bytes)`` that does not decode (threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2) * 2)) as pool:
+        for (where, _), why in zip(items, pool.map(lambda item: _undecodable(item[1]), items)):
+            if why is not None:
+                return where, why
+    return None
+
+
+def _check_image_tree(split_dir: pathlib.Path) -> int:
+    """Number of classes of one ImageFolder split; empty classes and bad images are DataErrors."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    try:
+        classes, _ = find_classes(str(split_dir))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{split_dir} is not a usable ImageFolder split ({e}); it needs one "
+                        f"sub-directory per class holding image files.") from None
+    files, empty = [], []
+    for cls in classes:
+        found = [os.path.join(d, f) for d, _, names in os.walk(split_dir / cls, followlinks=True)
+                 for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+        files += found
+        if not found:
+            empty.append(str(split_dir / cls))
+    if empty:
+        raise DataError(f"class folder {empty[0]} holds no images ({', '.join(IMG_EXTENSIONS)})"
+                        + (f" (nor do {len(empty) - 1} other class folders)" if len(empty) > 1 else "")
+                        + "; add images or remove the folder.")
+    bad = _first_bad([(f, f) for f in _evenly(files, SCAN_LIMIT)])
+    if bad:
+        raise DataError(f"cannot decode the image {bad[0]} ({bad[1]}); remove or replace that file.")
+    return len(classes)
+
+
+def _check_shards(split_dir: pathlib.Path) -> int:
+    """Number of classes of one Parquet split; classes without rows and bad images are DataErrors."""
+    import pyarrow.parquet as pq
+
+    shards = ParquetImageDataset(split_dir)
+    counts = np.bincount(np.asarray(shards.targets, dtype=np.int64), minlength=len(shards.classes))
+    empty = [c for c, n in zip(shards.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"class {empty[0]!r} has no images in the shards of {split_dir}"
+                        + (f" (nor do {len(empty) - 1} other classes)" if len(empty) > 1 else "")
+                        + "; re-write the shards from an ImageFolder tree without empty class folders.")
+    groups = [(f, g) for f in shards.files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    per_group = max(1, len(shards) // max(1, len(groups)))
+    for f, g in _evenly(groups, max(1, SCAN_LIMIT // per_group)):
+        column = pq.ParquetFile(f, memory_map=True).read_row_group(g, columns=["image"]).column("image")
+        items = [(f"row {i} of row group {g} of {f}", column[i].as_py()) for i in range(len(column))]
+        bad = _first_bad(items)
+        if bad:
+            raise DataError(f"cannot decode the image at {bad[0]} ({bad[1]}); re-write the shards.")
+    return len(shards.classes)
+
+
+def find_data_error(err: BaseException | None) -> DataError | None:
+    """The DataError behind ``err``, also when Ray wrapped it (a task error's ``cause``, a Ray
+    Train ``WorkerGroupError``'s ``worker_failures``, chained exceptions); None if there is none."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            inner = getattr(e, "cause", None)  # a RayTaskError(DataError): its cause reads cleanly
+            return inner if isinstance(inner, DataError) else e
+        failures = getattr(e, "worker_failures", None)
+        todo += list(failures.values()) if isinstance(failures, dict) else []
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
