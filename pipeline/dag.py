@@ -114,7 +114,7 @@ class Pipeline:
             try:
                 manifest = self._attempt(stage)
             except Exception as err:  # noqa: BLE001 - retried, then re-raised
-                if attempt == retries or isinstance(err, (ValueError, TypeError, KeyError)):
+                if attempt == retries or _fails_the_same_way(err):
                     raise
                 self.log(f"[{stage}] failed ({type(err).__name__}: {err}); retrying")
                 continue
@@ -144,6 +144,13 @@ class Pipeline:
                         if path.is_file() and path.name != "manifest.json":
                             run.log_artifact(path)
         return manifest
+
+
+def _fails_the_same_way(err: BaseException) -> bool:
+    """Bad data or config (ValueError such as DataError or TrainingError, TypeError, KeyError) fail
+    the same way on a retry, also when raised in a Ray task (its ``cause``) or a Ray Train worker."""
+    causes = [err, getattr(err, "cause", None), *(getattr(err, "worker_failures", None) or {}).values()]
+    return any(isinstance(e, (ValueError, TypeError, KeyError)) for e in causes)
 
 
 class _null:
