@@ -8,15 +8,16 @@ constructor built the model with which arguments, which layers were decomposed w
 which channels and bases were kept, which layers were given a bias).
 
 ``load`` rebuilds the model by replaying the recipe, loads the tensors and holds the masks again,
-so a checkpoint of a pruned model resumes fine-tuning with its masks held. Nothing is ever
-unpickled: a ``torch.save`` file is refused with :class:`PenniFormatError`, and the constructor is
-imported only from the ``penni.*`` and ``torchvision.models.*`` namespaces unless the caller
-passes it in ``factories``.
+so a checkpoint of a pruned model resumes fine-tuning with its masks held. A file can never run
+code: nothing is unpickled (a ``torch.save`` file is refused with :class:`PenniFormatError`), the
+constructor is looked up by name in the registry of model factories (:mod:`penni.factories`),
+never imported, and every other field of the recipe is checked as data. The model is first built
+and edited on the meta device and compared with the file's tensors, so sizes that do not fit the
+file are refused before any memory is allocated.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import struct
@@ -29,15 +30,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .conv import PenniConv2d
-from .decompose import decompose
+from .conv import FORWARD_MODES, PenniConv2d
+from .decompose import decompose, is_decomposable
+from .factories import UnknownFactoryError, build_within_budget, get_factory
 from .masking import HeldMask, get_mask, hold_mask, iter_masks
-from .recipe import RECIPE_ATTR, Recipe, get_recipe
+from .recipe import RECIPE_ATTR, Recipe, check_constructor, check_layer_name, get_recipe
 from .slicing import add_bias, slice_in, slice_out, slice_penni_basis
 
 __all__ = [
     "PenniFormatError", "save", "load", "save_state", "load_state", "recipe_json", "read_metadata",
-    "FORMAT_VERSION", "ALLOWED_FACTORY_NAMESPACES", "MASK_SUFFIX",
+    "FORMAT_VERSION", "MASK_SUFFIX", "MAX_RECIPE_BYTES", "MAX_HEADER_BYTES",
 ]
 
 FORMAT_VERSION = "1"
@@ -46,7 +48,10 @@ RECIPE_KEY = "penni_recipe"
 MODES_KEY = "penni_forward_modes"
 RESERVED_PREFIX = "penni_"
 MASK_SUFFIX = "::mask"
-ALLOWED_FACTORY_NAMESPACES: tuple[str, ...] = ("penni", "torchvision.models")
+MAX_RECIPE_BYTES = 16 * 2**20      # the JSON recipe in a file; larger ones are refused unread
+MAX_HEADER_BYTES = 64 * 2**20      # the safetensors header (tensor index + metadata)
+MIN_BUILD_BYTES = 2 * 2**30        # tensors a recipe may build before slicing, at least ...
+BUILD_RATIO = 64                   # ... or this many times the bytes of the file's tensors
 
 _CONVERT_HINT = (
     "To convert a checkpoint you trust: in a trusted environment, build the model, load the file "
@@ -208,11 +213,15 @@ def _normalize_constructor(constructor: Any) -> dict[str, Any]:
         factory, kwargs = constructor
     else:
         raise TypeError(f"constructor must be ('package.module:callable', kwargs), got {constructor!r}")
-    if not isinstance(factory, str) or ":" not in factory:
-        raise ValueError(f"factory must look like 'package.module:callable', got {factory!r}")
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"constructor kwargs must be a dict, got {type(kwargs).__name__}")
-    return {"factory": factory, "kwargs": dict(kwargs or {})}
+    normalized = {"factory": factory, "kwargs": dict(kwargs or {})}
+    try:
+        check_constructor(normalized)
+    except TypeError as err:
+        raise TypeError(f"the constructor arguments of {factory} must be plain JSON data "
+                        f"(str, int, float, bool, None, lists, dicts) to be saved: {err}") from None
+    return normalized
 
 
 def _recipe_dict(model: nn.Module, constructor: Any = None) -> dict[str, Any]:
@@ -249,72 +258,103 @@ def recipe_json(model: nn.Module, constructor: Any = None) -> str:
             f"(str, int, float, bool, None, lists, dicts) to be saved: {err}") from err
 
 
-def _resolve_factory(factory: str, factories: Mapping[str, Callable] | None, allow_any: bool) -> Callable:
-    if factories and factory in factories:
-        fn = factories[factory]
-        if not callable(fn):
-            raise TypeError(f"factories[{factory!r}] is not callable")
-        return fn
-    module_name, _, attr = factory.partition(":")
-    allowed = any(module_name == ns or module_name.startswith(ns + ".") for ns in ALLOWED_FACTORY_NAMESPACES)
-    if not allowed and not allow_any:
-        raise PenniFormatError(
-            f"the recipe's constructor {factory!r} is outside the namespaces penni.load imports from "
-            f"({', '.join(n + '.*' for n in ALLOWED_FACTORY_NAMESPACES)}); if you trust it, pass it "
-            f"explicitly: penni.load(path, factories={{{factory!r}: your_callable}})")
-    if not module_name or not attr or any(not p or p.startswith("_") for p in attr.split(".")):
-        raise PenniFormatError(f"bad constructor {factory!r}: expected 'package.module:callable'")
+def _resolve_factory(factory: str, factories: Mapping[str, Callable] | None) -> Callable:
+    """The registered factory named ``factory``; nothing is ever imported from a name in a file."""
     try:
-        fn: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError) as err:
-        raise PenniFormatError(f"cannot import the recipe's constructor {factory!r}: {err}") from err
-    if not callable(fn):
-        raise PenniFormatError(f"the recipe's constructor {factory!r} is not callable")
-    return fn
+        return get_factory(factory, factories)
+    except UnknownFactoryError as err:
+        raise PenniFormatError(str(err)) from None
 
 
-def _replay(recipe: Recipe, factories: Mapping[str, Callable] | None, allow_any: bool = False,
-            build: Callable[[Callable[[], nn.Module]], nn.Module] | None = None) -> nn.Module:
-    """Build the model the recipe describes (tensors uninitialized / random)."""
-    if not recipe.constructor:
-        raise PenniFormatError("the recipe has no constructor")
-    constructor = _normalize_constructor(recipe.constructor)
-    fn = _resolve_factory(constructor["factory"], factories, allow_any)
-    kwargs = constructor["kwargs"]
-    model = build(lambda: fn(**kwargs)) if build is not None else fn(**kwargs)
+def _tensor_bytes(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> int:
+    tensors = (module_or_state.values() if isinstance(module_or_state, Mapping)
+               else [*module_or_state.parameters(), *module_or_state.buffers()])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _build_budget(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensors a model rebuilt for these tensors may need before slicing (generous, bounded)."""
+    return max(MIN_BUILD_BYTES, BUILD_RATIO * _tensor_bytes(state))
+
+
+def _call_factory(fn: Callable, kwargs: Mapping[str, Any], name: str, budget: int | None) -> nn.Module:
+    """``fn(**kwargs)`` (within ``budget`` bytes when given); anything it raises is a PenniFormatError."""
+    try:
+        model = build_within_budget(fn, kwargs, budget) if budget is not None else fn(**kwargs)
+    except Exception as err:
+        raise PenniFormatError(f"the constructor {name} refused the recipe's arguments: "
+                               f"{type(err).__name__}: {str(err)[:300]}") from err
     if not isinstance(model, nn.Module):
-        raise PenniFormatError(f"the constructor {constructor['factory']} returned a {type(model).__name__}, "
-                               "not a torch.nn.Module")
-    model = _unwrap(model)
-    if recipe.decomposed:
-        decompose(model, d=dict(recipe.decomposed), init="empty")
-        done = get_recipe(model).decomposed
-        wrong = {k: v for k, v in recipe.decomposed.items() if done.get(k) != v}
-        if wrong:
-            raise PenniFormatError(f"the recipe decomposes layers that the rebuilt model cannot decompose "
-                                   f"that way: {sorted(wrong)[:5]}")
+        raise PenniFormatError(f"the constructor {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return _unwrap(model)
+
+
+def _axis_size(module: nn.Module, axis: str) -> int | None:
+    """Current length of ``module``'s output channels, input channels or basis kernels."""
+    if axis == "basis":
+        return module.d if isinstance(module, PenniConv2d) else None
+    names = (("out_channels", "out_features", "num_features") if axis == "out"
+             else ("in_channels", "in_features", "num_features"))
+    for attr in names:
+        value = getattr(module, attr, None)
+        if type(value) is int:
+            return value
+    weight = getattr(module, "weight", None)
+    dim = 0 if axis == "out" else 1
+    return weight.shape[dim] if isinstance(weight, torch.Tensor) and weight.dim() > dim else None
+
+
+def _replay_decompositions(model: nn.Module, decomposed: Mapping[str, int]) -> None:
     modules = dict(model.named_modules())
-    for layer, axes in recipe.kept.items():
+    for layer, d in decomposed.items():
+        conv = modules.get(layer)
+        if conv is None or not is_decomposable(conv):
+            raise PenniFormatError(f"the recipe decomposes {layer!r}, which the rebuilt model does not have "
+                                   "as a decomposable convolution")
+        kh, kw = conv.kernel_size
+        if d > kh * kw:
+            raise PenniFormatError(f"the recipe decomposes {layer!r} with d={d}, more than its "
+                                   f"{kh}x{kw} kernel allows")
+    wanted = dict(decomposed)
+    try:
+        decompose(model, d=lambda name, conv: wanted.get(name), init="empty")
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise PenniFormatError(f"cannot replay the recipe's decompositions: {err}") from err
+    done = get_recipe(model).decomposed
+    wrong = sorted(k for k, v in wanted.items() if done.get(k) != v)
+    if wrong:
+        raise PenniFormatError(f"the recipe decomposes layers that the rebuilt model cannot decompose "
+                               f"that way: {wrong[:5]}")
+
+
+def _replay_slicing(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> None:
+    modules = dict(model.named_modules())
+    for layer, axes in kept.items():
         module = modules.get(layer)
         if module is None:
             raise PenniFormatError(f"the recipe slices layer {layer!r}, which the rebuilt model does not have")
-        unknown = set(axes) - {"basis", "out", "in"}
-        if unknown:
-            raise PenniFormatError(f"unknown slicing axes {sorted(unknown)} for layer {layer!r}")
-        try:
-            if "basis" in axes:
-                if not isinstance(module, PenniConv2d):
-                    raise TypeError(f"it is a {type(module).__name__}, not a PenniConv2d")
-                slice_penni_basis(module, torch.as_tensor(axes["basis"], dtype=torch.long))
-            if "out" in axes:
-                slice_out(module, axes["out"])
-            if "in" in axes:
-                slice_in(module, axes["in"])
-        except (IndexError, RuntimeError, TypeError, ValueError) as err:
-            raise PenniFormatError(f"cannot replay the kept indices of layer {layer!r}: {err}") from err
-    for layer in recipe.added_bias:
+        for axis in ("basis", "out", "in"):
+            if axis not in axes:
+                continue
+            idx, size = axes[axis], _axis_size(module, axis)
+            if size is None:
+                raise PenniFormatError(f"the recipe slices {axis!r} of layer {layer!r}, a "
+                                       f"{type(module).__name__} that has no such axis")
+            if idx and idx[-1] >= size:
+                raise PenniFormatError(f"the recipe keeps index {idx[-1]} of {axis!r} of layer {layer!r}, "
+                                       f"which has only {size}")
+            try:
+                if axis == "basis":
+                    slice_penni_basis(module, torch.as_tensor(idx, dtype=torch.long))
+                else:
+                    (slice_out if axis == "out" else slice_in)(module, idx)
+            except (IndexError, RuntimeError, TypeError, ValueError) as err:
+                raise PenniFormatError(f"cannot replay the kept indices of layer {layer!r}: {err}") from err
+
+
+def _replay_biases(model: nn.Module, added_bias: list[str]) -> None:
+    modules = dict(model.named_modules())
+    for layer in added_bias:
         module = modules.get(layer)
         if module is None or not hasattr(module, "bias"):
             raise PenniFormatError(f"the recipe adds a bias to {layer!r}, which the rebuilt model lacks "
@@ -325,25 +365,78 @@ def _replay(recipe: Recipe, factories: Mapping[str, Callable] | None, allow_any:
             if count is None:
                 raise PenniFormatError(f"cannot tell the output size of {layer!r} to add its bias")
             add_bias(module, torch.zeros(count, dtype=ref.dtype, device=ref.device))
+
+
+def _replay_edits(model: nn.Module, recipe: Recipe, budget: int) -> nn.Module:
+    """Decompose, slice and add biases as the recipe says, checking each step against the model."""
+    if recipe.decomposed:
+        _replay_decompositions(model, recipe.decomposed)
+        if _tensor_bytes(model) > budget:
+            raise PenniFormatError(f"the recipe's decompositions need {_tensor_bytes(model):,} bytes of "
+                                   f"tensors, more than the {budget:,} its file can justify")
+    _replay_slicing(model, recipe.kept)
+    _replay_biases(model, recipe.added_bias)
     return model
 
 
-def _verify(model: nn.Module, recipe_text: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Replay the recipe on the meta device and check it gives the names and shapes being saved."""
-    recipe = Recipe.from_dict(json.loads(recipe_text))
-
-    def on_meta(make: Callable[[], nn.Module]) -> nn.Module:
-        try:
-            with torch.device("meta"):
-                return make()
-        except Exception:  # some constructors need real data: build it for real
-            return make()
-
+def _build_on_meta(fn: Callable, kwargs: Mapping[str, Any]) -> nn.Module | None:
+    """``fn(**kwargs)`` on the meta device (shapes only, no memory); None if it cannot run there."""
     try:
-        replayed = _replay(recipe, None, allow_any=True, build=on_meta)
-        state, _ = _split_masks(dict(tensors))
-        _check_fit(replayed, state, "the tensors being saved")
-    except Exception as err:
+        with torch.device("meta"):
+            model = fn(**kwargs)
+    except Exception:  # data-dependent constructors (e.g. torchvision's RegNets), or bad arguments
+        return None
+    if not isinstance(model, nn.Module):
+        return None
+    model = _unwrap(model)
+    real = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    if real:
+        raise PenniFormatError(f"the constructor put tensors on a real device while building on meta: {real[:3]}")
+    return model
+
+
+def _build_checked(recipe: Recipe, factories: Mapping[str, Callable] | None,
+                   state: Mapping[str, torch.Tensor], what: str, for_real: bool = True) -> nn.Module:
+    """Build the model the recipe describes, refusing before allocating if it cannot fit ``state``.
+
+    The constructor and every edit run first on the meta device, and the result's names and
+    shapes are compared with ``state``; only then is the model built for real. A constructor that
+    cannot run on meta is built for real within a byte budget (see :func:`_build_budget`).
+    """
+    if not recipe.constructor:
+        raise PenniFormatError("the recipe has no constructor")
+    name, kwargs = recipe.constructor["factory"], recipe.constructor["kwargs"]
+    fn = _resolve_factory(name, factories)
+    budget = _build_budget(state)
+    meta = _build_on_meta(fn, kwargs)
+    if meta is not None:
+        if _tensor_bytes(meta) > budget:
+            raise PenniFormatError(f"the constructor {name} with the recipe's arguments builds "
+                                   f"{_tensor_bytes(meta):,} bytes of tensors, more than the {budget:,} "
+                                   "its file can justify")
+        _check_fit(_replay_edits(meta, recipe, budget), state, what)
+        if not for_real:
+            return meta
+    model = _replay_edits(_call_factory(fn, kwargs, name, budget), recipe, budget)
+    if meta is None:
+        _check_fit(model, state, what)
+    return model
+
+
+def _verify(model: nn.Module, recipe_text: str, tensors: Mapping[str, torch.Tensor],
+            factories: Mapping[str, Callable] | None) -> None:
+    """Check that ``load`` would rebuild this model: registered constructor, names and shapes."""
+    recipe = Recipe.from_data(json.loads(recipe_text))
+    name = recipe.constructor["factory"]
+    try:
+        get_factory(name, factories)
+    except UnknownFactoryError as err:
+        raise ValueError(f"cannot save this {type(model).__name__} so that penni.load can rebuild it: {err} "
+                         "(to save and load; or save with constructor=(a registered name, kwargs))") from None
+    state, _ = _split_masks(dict(tensors))
+    try:
+        _build_checked(recipe, factories, state, "the tensors being saved", for_real=False)
+    except PenniFormatError as err:
         raise ValueError(
             f"the recipe of this {type(model).__name__} does not rebuild it, so the file could not be "
             f"loaded: {err}. Were layers changed outside penni (decompose/shrink)? Record such edits "
@@ -396,14 +489,15 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
 
 
 def _write(model: nn.Module, path: Any, metadata: Mapping[str, str] | None,
-           recipe_text: str | None, verify: bool) -> None:
+           recipe_text: str | None, verify: bool,
+           factories: Mapping[str, Callable[..., nn.Module]] | None = None) -> None:
     user = _check_metadata(metadata)
     model = _unwrap(model)
     tensors = _tensors_for_file(model)
     meta = {**user, FORMAT_KEY: FORMAT_VERSION}
     if recipe_text is not None:
         if verify:
-            _verify(model, recipe_text, tensors)
+            _verify(model, recipe_text, tensors, factories)
         meta[RECIPE_KEY] = recipe_text
     modes = _forward_modes(model)
     if modes:
@@ -412,17 +506,20 @@ def _write(model: nn.Module, path: Any, metadata: Mapping[str, str] | None,
 
 
 def save(model: nn.Module, path: Any, metadata: Mapping[str, str] | None = None,
-         constructor: Any = None, verify: bool = True) -> None:
+         constructor: Any = None, verify: bool = True,
+         factories: Mapping[str, Callable[..., nn.Module]] | None = None) -> None:
     """Write ``model`` to ``path`` (one safetensors file: tensors + held masks + JSON recipe).
 
     ``metadata`` adds your own ``str -> str`` entries (keys ``penni_*`` are reserved).
     ``constructor=("package.module:callable", kwargs)`` says how to rebuild a model that was not
     built by ``penni.models.build_model`` nor given ``penni.set_constructor`` (it is written to the
     file only; the model is not changed). ``verify`` replays the recipe on the meta device first and
-    refuses to write a file ``load`` could not rebuild. DDP / DataParallel / torch.compile wrappers
-    are unwrapped. The write is atomic: ``path`` holds either the old file or the complete new one.
+    refuses to write a file ``load`` could not rebuild: its constructor must be a registered factory
+    (``penni.register_factory``) or be given in ``factories`` (pass the same to ``load``).
+    DDP / DataParallel / torch.compile wrappers are unwrapped. The write is atomic: ``path`` holds
+    either the old file or the complete new one.
     """
-    _write(model, path, metadata, recipe_json(model, constructor), verify)
+    _write(model, path, metadata, recipe_json(model, constructor), verify, factories)
 
 
 def save_state(model: nn.Module, path: Any, metadata: Mapping[str, str] | None = None) -> None:
@@ -444,6 +541,7 @@ def _open_checked(path: Any) -> str:
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            _check_header(path, header_len)
             return path
     if head[:4] == b"PK\x03\x04":
         raise PenniFormatError(
@@ -455,6 +553,21 @@ def _open_checked(path: Any) -> str:
             f"penni will not unpickle it. {_CONVERT_HINT}")
     raise PenniFormatError(f"{path} is not a safetensors file (penni reads only safetensors checkpoints written "
                            f"by penni.save / penni.save_state). {_CONVERT_HINT}")
+
+
+def _check_header(path: str, header_len: int) -> None:
+    """Refuse oversized headers unread, and headers that are not UTF-8 text."""
+    if header_len > MAX_HEADER_BYTES:
+        raise PenniFormatError(f"{path}: its safetensors header is {header_len:,} bytes, more than the "
+                               f"{MAX_HEADER_BYTES:,} penni reads (a penni recipe is at most {MAX_RECIPE_BYTES:,})")
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        header = fh.read(header_len)
+    try:
+        header.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as err:
+        raise PenniFormatError(f"{path}: its safetensors header (tensor index and metadata) is not "
+                               f"UTF-8 text: {err}") from None
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -483,43 +596,53 @@ def read_metadata(path: Any) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)}
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a JSON object repeats a key: {sorted(k for k in set(keys) if keys.count(k) > 1)[:3]}")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number penni accepts")
+
+
+def _strict_json(text: str, what: str, path: str) -> Any:
+    """Parse metadata JSON strictly: bounded size, no NaN/Infinity, no repeated keys."""
+    if not isinstance(text, str):
+        raise PenniFormatError(f"{path}: {what} is not text")
+    if len(text.encode("utf-8", errors="surrogatepass")) > MAX_RECIPE_BYTES:
+        raise PenniFormatError(f"{path}: {what} is larger than {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as err:
+        raise PenniFormatError(f"{path} has an unreadable {what}: {err}") from None
+
+
 def _parse_modes(metadata: Mapping[str, str], path: str) -> dict[str, str]:
+    """The saved forward modes: layer name -> one of FORWARD_MODES."""
     if MODES_KEY not in metadata:
         return {}
+    modes = _strict_json(metadata[MODES_KEY], f"{MODES_KEY} metadata", path)
     try:
-        modes = json.loads(metadata[MODES_KEY])
-    except json.JSONDecodeError as err:
-        raise PenniFormatError(f"{path}: bad {MODES_KEY} metadata: {err}") from err
-    if not isinstance(modes, dict) or not all(isinstance(v, str) for v in modes.values()):
-        raise PenniFormatError(f"{path}: bad {MODES_KEY} metadata")
+        if not isinstance(modes, dict):
+            raise TypeError("not a JSON object")
+        for layer, mode in modes.items():
+            check_layer_name(layer, MODES_KEY)
+            if mode not in FORWARD_MODES:
+                raise ValueError(f"unknown forward mode {str(mode)[:20]!r} (one of {FORWARD_MODES})")
+    except (TypeError, ValueError) as err:
+        raise PenniFormatError(f"{path}: bad {MODES_KEY} metadata: {err}") from None
     return modes
 
 
 def _parse_recipe(text: str, path: str) -> Recipe:
     """The recipe in a file, with every field checked to be plain data of the expected shape."""
+    data = _strict_json(text, "penni recipe", path)
     try:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise TypeError("the recipe is not a JSON object")
-        recipe = Recipe.from_dict(data)
-        ctor = recipe.constructor
-        if not (isinstance(ctor, dict) and isinstance(ctor.get("factory"), str)
-                and isinstance(ctor.get("kwargs", {}), dict) and set(ctor) <= {"factory", "kwargs"}):
-            raise TypeError(f"bad constructor {ctor!r}")
-        if not (isinstance(recipe.decomposed, dict)
-                and all(isinstance(k, str) and type(v) is int for k, v in recipe.decomposed.items())):
-            raise TypeError("'decomposed' must map layer names to ints")
-        if not (isinstance(recipe.kept, dict) and all(
-                isinstance(layer, str) and isinstance(axes, dict) and all(
-                    isinstance(axis, str) and isinstance(idx, list) and all(type(i) is int for i in idx)
-                    for axis, idx in axes.items())
-                for layer, axes in recipe.kept.items())):
-            raise TypeError("'kept' must map layer names to {axis: [int, ...]}")
-        if not (isinstance(recipe.added_bias, list) and all(isinstance(x, str) for x in recipe.added_bias)):
-            raise TypeError("'added_bias' must be a list of layer names")
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
-        raise PenniFormatError(f"{path} has an unreadable penni recipe: {err}") from err
-    return recipe
+        return Recipe.from_data(data)
+    except (TypeError, ValueError) as err:
+        raise PenniFormatError(f"{path} has an unreadable penni recipe: {err}") from None
 
 
 def load(path: Any, map_location: Any = "cpu",
@@ -527,8 +650,12 @@ def load(path: Any, map_location: Any = "cpu",
     """Rebuild the model saved by :func:`save` from its recipe, load its tensors, hold its masks.
 
     Nothing is unpickled: pickled files (``torch.save``) are refused with :class:`PenniFormatError`.
-    The recipe's constructor is imported only from the ``penni.*`` and ``torchvision.models.*``
-    namespaces; pass others explicitly as ``factories={"package.module:callable": callable}``.
+    The recipe's constructor must be a registered factory (penni's ``build_model``, torchvision's
+    builders, or one registered with ``penni.register_factory``), or be given explicitly as
+    ``factories={"package.module:callable": callable}``; nothing named in the file is imported.
+    Every field of the recipe is checked, and the model is built and edited on the meta device
+    and compared with the file's tensors before it is built for real; anything that does not fit
+    raises :class:`PenniFormatError`.
     The model adopts the file's dtypes and is moved to ``map_location``; it is in the train/eval
     mode its constructor leaves it in (train), with the forward modes it was saved with.
     """
@@ -539,9 +666,11 @@ def load(path: Any, map_location: Any = "cpu",
             f"{path} holds tensors but no penni recipe (written by penni.save_state or another tool?): "
             "load it into a model you build yourself with penni.load_state(model, path)")
     recipe = _parse_recipe(metadata[RECIPE_KEY], path)
-    model = _replay(recipe, factories)
+    modes = _parse_modes(metadata, path)
+    state, _ = _split_masks(tensors)
+    model = _build_checked(recipe, factories, state, f"the tensors in {path}")
     _load_tensors(model, tensors, f"the tensors in {path}", adopt_dtypes=True)
-    _restore_forward_modes(model, _parse_modes(metadata, path))
+    _restore_forward_modes(model, modes)
     object.__setattr__(model, RECIPE_ATTR, recipe)
     return model if map_location is None else model.to(map_location)
 

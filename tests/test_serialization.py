@@ -48,7 +48,7 @@ def assert_round_trip(model: nn.Module, x: torch.Tensor, path: Path, **load_kw) 
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    save(model, path)
+    save(model, path, factories=load_kw.get("factories"))
     loaded = load(path, **load_kw).eval()
     with torch.no_grad():
         got = loaded(x)
@@ -230,9 +230,27 @@ def test_tied_weights_and_custom_factory(tmp_path):
     with torch.no_grad():
         model.scale.mul_(torch.rand(6, 3))
     path = tmp_path / "tied.safetensors"
+    with pytest.raises(ValueError, match="register_factory"):
+        save(model, path)                                             # not registered: save says how
+    assert not path.exists()
+    save(model, path, factories={factory: Tied})
     with pytest.raises(PenniFormatError, match="factories="):
-        assert_round_trip(model, torch.randn(2, 6), path)             # not in the allow-list
+        load(path)                                                    # nothing named in a file is imported
     loaded = assert_round_trip(model, torch.randn(2, 6), path, factories={factory: Tied})
+    assert loaded.a.weight is loaded.b.weight
+
+
+def test_registered_factory(tmp_path):
+    factory = f"{__name__}:registered_tied"
+    penni.register_factory(factory, Tied)
+    assert factory in penni.registered_factories() and penni.get_factory(factory) is Tied
+    assert "penni.models:build_model" in penni.registered_factories()
+    with pytest.raises(ValueError, match="already registered"):
+        penni.register_factory(factory, nn.Linear)
+    with pytest.raises(ValueError, match="torchvision"):
+        penni.register_factory("torchvision.models:resnet18", Tied)
+    model = set_constructor(Tied(width=5), factory, width=5)
+    loaded = assert_round_trip(model, torch.randn(2, 5), tmp_path / "tied.safetensors")
     assert loaded.a.weight is loaded.b.weight
 
 

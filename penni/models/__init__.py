@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..factories import register_factory
 from ..recipe import set_constructor
 from .resnet import ChannelPadShortcut, CifarResNet, resnet18, resnet56
 from .vgg import VGG, fashion_cnn, vgg16
@@ -44,8 +45,12 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 3, **kwargs
     else:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"unknown model arch {arch!r}: use one of {known} or 'torchvision:<name>'")
-    return set_constructor(model, "penni.models:build_model", arch=arch, num_classes=num_classes,
+    return set_constructor(model, BUILD_MODEL_FACTORY, arch=arch, num_classes=num_classes,
                            in_channels=in_channels, **kwargs)
+
+
+BUILD_MODEL_FACTORY = "penni.models:build_model"   # the name every penni checkpoint's recipe uses
+register_factory(BUILD_MODEL_FACTORY, build_model)
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
