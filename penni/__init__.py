@@ -25,6 +25,7 @@ __all__ = [
 from .dependency import channel_graph, register_channel_rule
 from .profile import Profile, compare, macs_reduction, profile
 from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
+from .factories import get_factory, register_factory, registered_factories
 from .shrink import ShrinkReport, shrink
 
 __all__ += [
@@ -32,3 +33,4 @@ __all__ += [
     "profile", "Profile", "compare", "macs_reduction",
     "save", "load", "save_state", "load_state", "recipe_json", "read_metadata", "PenniFormatError",
 ]
+__all__ += ["register_factory", "get_factory", "registered_factories"]
