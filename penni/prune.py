@@ -1,14 +1,26 @@
-"""prune(): zero small coefficients and hold them at zero (per-layer std rule or global sparsity)."""
+"""prune(): zero small coefficients (per-layer std rule or global sparsity) or whole channels
+(aimed at a dense-MAC or parameter target), and hold them at zero.
+
+Element-wise rules (``std``, ``sparsity``) give the paper's sparse MACs, which no dense kernel
+skips. The ``channels`` rule removes whole coupled channel groups (``penni.channel_graph``), so
+``shrink`` really narrows the network and the dense-executable MACs fall by the requested fraction.
+"""
 from __future__ import annotations
 
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from .conv import PenniConv2d
-from .masking import get_mask, hold_mask
+from .masking import bake_masks, get_mask, hold_mask
 from .regularization import is_pointwise
+
+CHANNEL_COSTS: tuple[str, ...] = ("dense_macs", "params")
 
 
 def prunable_tensors(model: nn.Module, include_pointwise: bool = False) -> list[tuple[str, nn.Module, str]]:
@@ -29,15 +41,27 @@ def prune(
     target: float | None = None,
     include_pointwise: bool = False,
     exclude: Iterable[str] = (),
+    example_inputs: torch.Tensor | tuple | None = None,
+    cost: str = "dense_macs",
 ) -> dict[str, float]:
-    """Zero small coefficients of ``model`` in place and hold them at zero; returns layer -> sparsity.
+    """Zero small coefficients (or whole channels) of ``model`` in place and hold them at zero.
 
     ``rule="std"``: per layer, zero entries with ``|c| < s * std(c)`` (the reference's rule).
     ``rule="sparsity"``: zero the smallest magnitudes over all layers together so that a
-    fraction ``target`` of the prunable entries is zero. Masks combine with masks already held.
-    ``include_pointwise`` also prunes the weights of 1x1 convs.
+    fraction ``target`` of the prunable entries is zero. ``include_pointwise`` also prunes the
+    weights of 1x1 convs. Both return layer -> fraction of zero entries.
+    ``rule="channels"``: remove the least important coupled channel groups until ``cost``
+    (``"dense_macs"``, as ``penni.profile(...).dense_macs``, or ``"params"``) falls by the
+    fraction ``target``; needs ``example_inputs`` (see :func:`prune_channels`, which also returns
+    a report). Returns layer -> fraction of its output channels removed.
+    Masks combine with masks already held, so rules can be applied one after the other.
     """
     exclude = set(exclude)
+    if rule == "channels":
+        if example_inputs is None:
+            raise ValueError("rule='channels' needs example_inputs (a batch the model accepts) to trace the model")
+        report = prune_channels(model, target, example_inputs, cost=cost, exclude=exclude)
+        return report.removed_fraction
     tensors = [t for t in prunable_tensors(model, include_pointwise) if t[0] not in exclude]
     if not tensors:
         raise ValueError("prune found nothing to prune: decompose the model first (penni.decompose)")
@@ -53,7 +77,7 @@ def prune(
         threshold = magnitudes.kthvalue(k).values if k > 0 else magnitudes.new_tensor(-1.0)
         thresholds = {name: threshold for name, _, _ in tensors}
     else:
-        raise ValueError(f"unknown pruning rule {rule!r}: use 'std' or 'sparsity'")
+        raise ValueError(f"unknown pruning rule {rule!r}: use 'std', 'sparsity' or 'channels'")
     sparsity = {}
     for name, module, tensor_name in tensors:
         values = getattr(module, tensor_name).detach()
@@ -82,3 +106,293 @@ def coefficient_sparsity(model: nn.Module, include_pointwise: bool = False) -> f
         total += values.numel()
         zeros += int((values == 0).sum())
     return zeros / total if total else 0.0
+
+
+# ----------------------------------------------------------------------------- channel rule
+
+@dataclass
+class ChannelPruneReport:
+    """What ``prune_channels`` did. Costs are per input image (MACs) or counts (params).
+
+    ``cost_before``/``cost_after`` are computed from the channel graph (a layer's cost scales
+    with its kept output x input widths); ``reduction`` is ``1 - after / before``, which
+    ``penni.shrink`` followed by ``penni.profile`` reproduces. ``widths[layer] = (before, after)``
+    output channels; ``removed_fraction[layer]`` the fraction of output channels removed.
+    """
+
+    cost: str
+    target: float
+    cost_before: float
+    cost_after: float
+    groups_total: int
+    groups_prunable: int
+    groups_removed: int
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.cost_after / self.cost_before if self.cost_before else 0.0
+
+    @property
+    def removed_fraction(self) -> dict[str, float]:
+        return {name: 1.0 - after / before for name, (before, after) in self.widths.items()}
+
+    def summary(self) -> str:
+        lines = [f"prune channels: {self.cost} {self.cost_before:.4g} -> {self.cost_after:.4g} "
+                 f"({100 * self.reduction:.1f}% fewer, target {100 * self.target:.1f}%); "
+                 f"{self.groups_removed} of {self.groups_prunable} prunable channel groups removed"]
+        lines += [f"  {name}: {b} -> {a}" for name, (b, a) in self.widths.items() if a != b]
+        return "\n".join(lines)
+
+
+@dataclass
+class _LayerCost:
+    """Cost of one layer as a function of its kept widths: ``full * ko/out * ki/in + linear * ko/out``."""
+    full: float
+    linear: float
+    out: int
+    inp: int
+    kept_out: int = 0
+    kept_in: int = 0
+
+    def value(self) -> float:
+        o = self.kept_out / self.out if self.out else 1.0
+        i = self.kept_in / self.inp if self.inp else 1.0
+        return self.full * o * i + self.linear * o
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The dense kernel a layer computes with (PenniConv2d: coefficients @ basis), masks applied."""
+    w = module.reconstructed_weight() if isinstance(module, PenniConv2d) else module.weight
+    return w.detach().float()
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == getattr(module, "in_channels", -1)
+
+
+def _layer_costs(model: nn.Module, graph, cost: str, example_inputs) -> tuple[dict[str, _LayerCost], float]:
+    """Per sliceable layer: its cost split into the parts that scale with out x in and with out."""
+    from .profile import profile  # profile imports regularization; import here keeps prune light
+
+    measured = profile(model, example_inputs)
+    rows = {r.name: r for r in measured.rows}
+    total = float(measured.dense_macs if cost == "dense_macs" else measured.params)
+    layers: dict[str, _LayerCost] = {}
+    for name, axes in graph.slots.items():
+        kind = graph.kinds.get(name)
+        module = model.get_submodule(name)
+        out, inp = len(axes.get("out", ())), len(axes.get("in", ()))
+        if kind == "norm":
+            n = sum(p.numel() for p in module.parameters(recurse=False)) if cost == "params" else 0
+            layers[name] = _LayerCost(0.0, float(n), out, 0)
+            continue
+        if kind not in ("conv", "linear"):
+            continue
+        if cost == "dense_macs":
+            main, bias = float(rows[name].dense_macs) if name in rows else 0.0, 0.0
+        else:
+            main = float(module.coefficients.numel() if isinstance(module, PenniConv2d) else module.weight.numel())
+            bias = float(module.bias.numel()) if getattr(module, "bias", None) is not None else 0.0
+        if _is_depthwise(module):
+            layers[name] = _LayerCost(0.0, main + bias, out, inp)
+        else:
+            layers[name] = _LayerCost(main, bias, out, inp)
+    for layer in layers.values():
+        layer.kept_out, layer.kept_in = layer.out, layer.inp
+    return layers, total
+
+
+def _normalised(values: torch.Tensor) -> torch.Tensor:
+    """``values / mean(values)``: puts layers of different scale on one footing (Torch-Pruning's "mean")."""
+    return values / values.mean().clamp_min(1e-12)
+
+
+def _group_scores(model: nn.Module, graph, groups: list) -> dict[int, float]:
+    """Importance of each group: producer rows x BatchNorm |gamma| x consumer columns.
+
+    Each factor is the mean, over the group's members of that kind, of a magnitude normalised
+    by its layer's mean: the L2 norm of the producer's output row of the dense kernel
+    (PenniConv2d: coefficients @ basis), the BatchNorm |gamma|, and the L2 norm of the
+    consumers' input columns. A factor with no member counts as 1. A product, so a channel
+    dead in any of these ways scores 0 and goes first.
+    """
+    rows: dict[str, torch.Tensor] = {}
+    cols: dict[str, torch.Tensor] = {}
+    gammas: dict[str, torch.Tensor] = {}
+
+    def row_norms(name: str) -> torch.Tensor:
+        if name not in rows:
+            w = _dense_weight(model.get_submodule(name))
+            rows[name] = _normalised(torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1))
+        return rows[name]
+
+    def col_norms(name: str) -> torch.Tensor:
+        if name not in cols:
+            w = _dense_weight(model.get_submodule(name))
+            cols[name] = _normalised(torch.linalg.vector_norm(w.transpose(0, 1).reshape(w.shape[1], -1), dim=1))
+        return cols[name]
+
+    def gamma(name: str) -> torch.Tensor | None:
+        if name not in gammas:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            gammas[name] = None if weight is None else _normalised(weight.detach().float().abs())
+        return gammas[name]
+
+    scores = {}
+    for g in groups:
+        producers = [row_norms(p.module)[p.index] for p in g.producers if p.kind == "weights"]
+        norms = [gm[c] for name, c in g.norms if (gm := gamma(name)) is not None]
+        consumers = [col_norms(u.module)[list(u.positions)].mean() for u in g.consumers]
+        score = 1.0
+        for factor in (producers, norms, consumers):
+            if factor:
+                score *= float(torch.stack(factor).mean())
+        scores[g.id] = score
+    return scores
+
+
+def _prunable_groups(graph, exclude: set[str]) -> list:
+    """Groups whose channels can be zeroed: free, made by weights (or zero rules), no excluded layer."""
+    found = []
+    for g in graph.groups.values():
+        if g.frozen or not g.producers:
+            continue
+        if any(p.kind not in ("weights", "zero") for p in g.producers) or all(p.kind == "zero" for p in g.producers):
+            continue
+        touched = {p.module for p in g.producers} | {u.module for u in g.consumers} | {n for n, _ in g.norms}
+        if touched & exclude:
+            continue
+        found.append(g)
+    return found
+
+
+def _footprints(graph) -> dict[int, list[tuple[str, str, int]]]:
+    """Group id -> ``(layer, axis, positions)`` it occupies in every sliceable layer."""
+    counts: dict[int, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
+    for name, axes in graph.slots.items():
+        for axis, gids in axes.items():
+            for gid in gids:
+                counts[gid][(name, axis)] += 1
+    return {gid: [(name, axis, n) for (name, axis), n in c.items()] for gid, c in counts.items()}
+
+
+def _select_groups(groups: list, scores: dict[int, float], layers: dict[str, _LayerCost],
+                   footprints: dict, total: float, target: float, slack: float) -> tuple[list, float]:
+    """Least important groups first, until the cost falls by ``target`` (skipping a group that would
+    overshoot by more than ``slack`` or leave a layer without channels); returns them and the cost."""
+    cost = total
+    goal = total * (1.0 - target)
+    chosen = []
+    for g in sorted(groups, key=lambda g: (scores[g.id], g.id)):
+        if cost <= goal:
+            break
+        affected = [(layers[n], axis, k) for n, axis, k in footprints.get(g.id, ()) if n in layers]
+        if any((lc.kept_out if axis == "out" else lc.kept_in) - k < 1 for lc, axis, k in affected):
+            continue  # every conv, linear and norm layer keeps a channel on each axis
+        before = sum(lc.value() for lc in {id(lc): lc for lc, _, _ in affected}.values())
+        _shift(affected, -1)
+        after = sum(lc.value() for lc in {id(lc): lc for lc, _, _ in affected}.values())
+        if cost - before + after < total * (1.0 - target - slack):
+            _shift(affected, +1)
+            continue
+        cost += after - before
+        chosen.append(g)
+    return chosen, cost
+
+
+def _shift(affected: list, sign: int) -> None:
+    for lc, axis, k in affected:
+        if axis == "out":
+            lc.kept_out += sign * k
+        else:
+            lc.kept_in += sign * k
+
+
+def _zero_masks(model: nn.Module, chosen: list) -> None:
+    """Hold at zero everything that writes or reads the chosen channels.
+
+    Producers: the output row and bias (PenniConv2d coefficients, Conv2d/Linear weight);
+    BatchNorm: weight and bias, so the channel is exactly 0 in train and eval mode; consumers:
+    the input columns. ``shrink`` then finds the channel unused and removes it exactly.
+    """
+    masks: dict[tuple[str, str], torch.Tensor] = {}
+
+    def mask(name: str, tensor_name: str) -> torch.Tensor:
+        key = (name, tensor_name)
+        if key not in masks:
+            masks[key] = torch.ones_like(getattr(model.get_submodule(name), tensor_name).detach())
+        return masks[key]
+
+    def main_tensor(name: str) -> str:
+        return "coefficients" if isinstance(model.get_submodule(name), PenniConv2d) else "weight"
+
+    for g in chosen:
+        for p in g.producers:
+            if p.kind != "weights":
+                continue
+            mask(p.module, main_tensor(p.module))[p.index] = 0
+            if getattr(model.get_submodule(p.module), "bias", None) is not None:
+                mask(p.module, "bias")[p.index] = 0
+        for name, c in g.norms:
+            norm = model.get_submodule(name)
+            for tensor_name in ("weight", "bias"):
+                if getattr(norm, tensor_name, None) is not None:
+                    mask(name, tensor_name)[c] = 0
+        for use in g.consumers:
+            mask(use.module, main_tensor(use.module))[:, list(use.positions)] = 0
+    for (name, tensor_name), m in masks.items():
+        hold_mask(model.get_submodule(name), tensor_name, m)
+    for module in model.modules():  # a baked dense kernel must see the new zeros
+        if isinstance(module, PenniConv2d) and module.forward_mode == "dense":
+            module.set_forward_mode("dense")
+
+
+def prune_channels(
+    model: nn.Module,
+    target: float,
+    example_inputs: torch.Tensor | tuple,
+    cost: str = "dense_macs",
+    exclude: Iterable[str] = (),
+    slack: float = 0.01,
+) -> ChannelPruneReport:
+    """Zero the least important coupled channel groups of ``model`` (in place, masks held) until
+    ``cost`` falls by the fraction ``target``.
+
+    Groups come from ``penni.channel_graph`` (a residual channel is one group across all its
+    branches; frozen groups are never touched) and are ranked by :func:`_group_scores`. The cost
+    of removing channels is computed from the graph, not by re-profiling: a conv/linear layer's
+    cost scales with kept output x kept input channels (depthwise: with kept channels),
+    starting from ``penni.profile``'s per-layer dense MACs (``cost="dense_macs"``) or the
+    parameter counts (``cost="params"``; bases that ``shrink`` drops as well are not counted).
+    Every layer keeps at least one channel per axis; a group whose removal would overshoot the
+    target by more than ``slack`` is skipped for a cheaper one. Apply ``prune(rule="std")``
+    afterwards for element-wise sparsity on the surviving channels.
+    """
+    from .dependency import channel_graph
+
+    if target is None or not 0.0 < target < 1.0:
+        raise ValueError(f"rule='channels' needs a target in (0, 1) (the fraction of {cost} to remove), got {target!r}")
+    if cost not in CHANNEL_COSTS:
+        raise ValueError(f"unknown cost {cost!r}: use one of {CHANNEL_COSTS}")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    view = bake_masks(copy.deepcopy(model)).eval()  # effective weights, no BatchNorm update
+    graph = channel_graph(view, inputs)
+    layers, total = _layer_costs(view, graph, cost, inputs)
+    groups = _prunable_groups(graph, set(exclude))
+    if not groups:
+        raise ValueError("prune found no channel it may remove: every channel group is frozen "
+                         "(see penni.channel_graph(model, x).describe())")
+    scores = _group_scores(view, graph, groups)
+    chosen, after = _select_groups(groups, scores, layers, _footprints(graph), total, target, slack)
+    _zero_masks(model, chosen)
+    report = ChannelPruneReport(cost, target, total, after, len(graph.groups), len(groups), len(chosen))
+    for name, lc in layers.items():
+        if graph.kinds.get(name) in ("conv", "linear"):
+            report.widths[name] = (lc.out, lc.kept_out)
+    if report.reduction < target - slack:
+        warnings.warn(f"prune(rule='channels') reached only {100 * report.reduction:.1f}% fewer {cost} "
+                      f"(target {100 * target:.1f}%): the remaining channels are frozen or the last of their layer",
+                      RuntimeWarning, stacklevel=2)
+    return report
