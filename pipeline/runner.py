@@ -29,6 +29,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="on a failure, print the full traceback (otherwise it goes to a log file)")
     return parser.parse_args(list(argv))
 
 
@@ -43,10 +45,24 @@ def resolve_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def preflight(cfg) -> list[str]:
-    """Checks against this machine before anything starts: the model can be built, the files the
-    config names exist, the dataset can be found. Returns the problems found."""
-    problems = []
+def preflight(cfg, tracking_uri: str | None = None) -> list[str]:
+    """Checks against this machine before anything starts (nothing is written): the model can be
+    built, the files the config names exist, the storage is a writable directory, the dataset is
+    there with ``model.num_classes`` classes and decodable images, training sees a batch, and the
+    tracking server answers. Returns the problems found, one line each."""
+    from .storage import storage_problem
+
+    problems = []  # the cheap checks first: when they fail, torch is not even imported
+    for key, value in (("model.weights", cfg.model.weights), ("baseline.checkpoint", cfg.baseline.checkpoint)):
+        if value and "://" not in value and not Path(value).expanduser().is_file():
+            problems.append(f"{key}: file {value!r} does not exist")
+    problems += filter(None, [storage_problem(cfg.storage), _tracking_problem(cfg, tracking_uri)])
+    if problems:
+        return problems
+    return _model_problems(cfg) + _data_problems(cfg)
+
+
+def _model_problems(cfg) -> list[str]:
     try:
         import torch
 
@@ -56,21 +72,37 @@ def preflight(cfg) -> list[str]:
             build_model(cfg.model.arch, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
                         **cfg.model.kwargs)
     except (ValueError, TypeError) as err:
-        problems.append(f"model: {err}")
-    for key, value in (("model.weights", cfg.model.weights), ("baseline.checkpoint", cfg.baseline.checkpoint)):
-        if value and "://" not in value and not Path(value).expanduser().is_file():
-            problems.append(f"{key}: file {value!r} does not exist")
-    try:
-        from .data import DataError, find_fashion_mnist
+        return [f"model: {err}"]
+    return []
 
-        if cfg.data.dataset == "fashion_mnist":
-            find_fashion_mnist(cfg.data.root)
-        elif cfg.data.dataset in ("imagefolder", "parquet") and "://" not in cfg.data.root:
-            if not Path(cfg.data.root).expanduser().is_dir():
-                problems.append(f"data.root: directory {cfg.data.root!r} does not exist")
-    except DataError as err:
-        problems.append(f"data: {err}")
-    return problems
+
+def _data_problems(cfg) -> list[str]:
+    """The dataset exists, matches the model and gives every training worker a batch."""
+    from .data import DataError, build_datasets, check_dataset
+
+    try:
+        check_dataset(cfg.data, cfg.model.num_classes)
+        try:
+            from .train import check_trainable
+        except ImportError:
+            return []
+        check_trainable(cfg, build_datasets(cfg.data, cfg.seed))
+    except (DataError, ValueError) as err:
+        return [f"data: {err}"]
+    return []
+
+
+def _tracking_problem(cfg, cli_uri: str | None) -> str | None:
+    """An unreachable MLflow tracking server, found with a 5 s probe (not minutes of MLflow retries)."""
+    import importlib.util
+
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if not uri or importlib.util.find_spec("mlflow") is None:
+        return None
+    from .tracking import tracking_uri_problem
+
+    problem = tracking_uri_problem(str(uri))
+    return f"tracking: {problem}" if problem else None
 
 
 def _use_ray(cfg) -> bool:
@@ -159,19 +191,33 @@ def main(argv: Sequence[str]) -> int:
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
-    problems = preflight(cfg)
+    problems = preflight(cfg, args.tracking_uri)
+    if len(problems) == 1:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
     if problems:
         print("error: the configuration does not fit this machine:\n" + "\n".join(f"  - {p}" for p in problems),
               file=sys.stderr)
         return 2
-    from .dag import Pipeline
+    from .lock import RunLock, RunLockedError
     from .storage import RunStore, StorageError
 
     try:
         store = RunStore(cfg.storage, cfg.name)
-    except StorageError as err:
+        lock = RunLock(store).acquire()  # before anything is written, the MLflow database included
+    except (StorageError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run(cfg, args, store)
+    finally:
+        lock.release()
+
+
+def _run(cfg, args: argparse.Namespace, store) -> int:
+    """Start MLflow and Ray, run the DAG, print the summary; a failure is one line (see _report_failure)."""
+    from .dag import Pipeline
+
     use_ray = _use_ray(cfg)
     started = time.perf_counter()
     print(f"penni pipeline '{cfg.name}' -> {store.root}  ({'Ray' if use_ray else 'in-process'})", flush=True)
@@ -182,19 +228,12 @@ def main(argv: Sequence[str]) -> int:
             _start_ray(cfg)
         outcomes = Pipeline(cfg, use_ray=use_ray, tracker=tracker).run()
     except KeyboardInterrupt:
-        if tracker is not None:
-            tracker.end_parent("KILLED")
+        _end_parent(tracker, "KILLED")
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - report and exit non-zero
-        if tracker is not None:
-            tracker.end_parent("FAILED")
-        logging.getLogger("penni").debug("pipeline failed", exc_info=True)
-        import traceback
-
-        traceback.print_exc()
-        print(f"\nerror: the pipeline failed: {type(err).__name__}: {err}\n"
-              "Completed stages are kept; fix the cause and re-run the same command to resume.", file=sys.stderr)
+        _end_parent(tracker, "FAILED")
+        _report_failure(err, store, debug=args.debug)
         return 1
     if tracker is not None:
         _log_summary(tracker, store)
@@ -202,6 +241,87 @@ def main(argv: Sequence[str]) -> int:
     print(summary_table(outcomes, store, tracker))
     print(f"\nTotal wall time: {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _end_parent(tracker, status: str) -> None:
+    """Close the MLflow parent run if possible; a tracking failure must not hide the real error."""
+    if tracker is None:
+        return
+    try:
+        tracker.end_parent(status)
+    except Exception:  # noqa: BLE001
+        logging.getLogger("penni").debug("could not end the MLflow parent run", exc_info=True)
+
+
+def failure_line(err: BaseException) -> str:
+    """One line naming what went wrong: data, storage and tracking problems by their area, other
+    errors by their type; unwraps what Ray wrapped (task causes, Ray Train worker failures)."""
+    from .data import find_data_error
+    from .storage import StorageError
+
+    data_err = find_data_error(err)
+    if data_err is not None:
+        return f"data: {_first_line(data_err)}"
+    inner = _innermost(err)
+    try:
+        from .tracking import TrackingError
+    except ImportError:  # pragma: no cover
+        TrackingError = ()  # noqa: N806
+    if isinstance(inner, StorageError):
+        return f"storage: {_first_line(inner)}"
+    if isinstance(inner, TrackingError) or type(inner).__module__.startswith(("mlflow", "sqlalchemy")):
+        return f"tracking: {type(inner).__name__}: {_first_line(inner)}"
+    return f"{type(inner).__name__}: {_first_line(inner)}"
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (a task error's cause, a worker group's failures)."""
+    for _ in range(10):
+        failures = getattr(err, "worker_failures", None)
+        cause = getattr(err, "cause", None)
+        if isinstance(failures, dict) and failures:
+            err = next(iter(failures.values()))
+        elif isinstance(cause, BaseException):
+            err = cause
+        else:
+            break
+    return err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _report_failure(err: BaseException, store, *, debug: bool) -> None:
+    """The error as one line on stderr; the traceback in ``<run>/logs/error-<time>.log`` (a temp
+    file when the run directory is not writable) or on stderr with ``--debug``."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    if debug:
+        print(text, file=sys.stderr, end="")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_path = None
+    local = store.local_path("logs") if store.is_local else None
+    for make in ((lambda: local / f"error-{stamp}.log") if local is not None else None,
+                 lambda: Path(tempfile.mkstemp(prefix=f"penni-error-{stamp}-", suffix=".log")[1])):
+        if make is None:
+            continue
+        try:
+            path = make()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            log_path = path
+            break
+        except OSError:
+            continue
+    where = f"traceback in {log_path}" if log_path else "re-run with --debug for the traceback"
+    print(f"error: {failure_line(err)}", file=sys.stderr)
+    print(f"  ({where}; completed stages are kept: fix the cause and re-run the same command to resume)",
+          file=sys.stderr, flush=True)
 
 
 def _log_summary(tracker, store) -> None:

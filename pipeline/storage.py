@@ -115,6 +115,24 @@ def _is_uri(s: str) -> bool:
     return "://" in s or s.startswith("file:")
 
 
+def storage_problem(storage: str) -> str | None:
+    """Why a local ``storage`` cannot hold runs (a regular file, a read-only directory), or None.
+    Writes nothing; URIs are checked when they are first used."""
+    if not storage or _is_uri(os.fspath(storage)):
+        return None
+    path = Path(os.fspath(storage)).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a regular file" if existing == path else f"lies under the regular file {existing}"
+        return f"storage {os.fspath(storage)!r} {what}, not a directory: pass a directory with --storage"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"storage {os.fspath(storage)!r} is not writable (directory {existing} is read-only): "
+                "pass a writable directory with --storage")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 
 

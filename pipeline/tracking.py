@@ -100,6 +100,30 @@ def resolve_tracking_uri(
     return _validate_uri(f"sqlite:///{db}", "the default (run root)")
 
 
+def tracking_uri_problem(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the tracking server at ``uri`` cannot be used (None when it answers or is not a server).
+
+    A GET of ``<uri>/health`` with a short timeout; any HTTP answer counts as reachable. Without it,
+    MLflow retries an unreachable server silently for minutes."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    if _scheme(uri) not in ("http", "https"):
+        return None
+    url = uri.split("?", 1)[0].rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (an auth proxy, an old server without /health): reachable
+    except (urllib.error.URLError, socket.timeout, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return (f"the MLflow tracking server {uri} is unreachable ({reason}; waited up to {timeout:g} s): "
+                "start it, fix --tracking-uri / tracking.uri / MLFLOW_TRACKING_URI, or leave them out "
+                "to track into SQLite under the run")
+
+
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """``<dir of the sqlite db>/mlartifacts/<experiment>`` for SQLite; None otherwise."""
     if _scheme(tracking_uri).split("+", 1)[0] != "sqlite" or not tracking_uri.startswith(
