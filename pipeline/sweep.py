@@ -263,17 +263,14 @@ def run_base(plan: SweepPlan) -> dict:
 
 @contextlib.contextmanager
 def _run_lock(store):
-    """Exclusive lock on a trial's run directory (Optuna may propose one (d, l1) pair twice)."""
-    import fcntl
+    """The run's lock (pipeline.lock), waited for: Optuna may propose one (d, l1) pair twice."""
+    from .lock import RunLock
 
-    root = store.local_path("baseline").parent
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "trial.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = RunLock(store).acquire(wait=None)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _invalidate_if_base_changed(store, base_sha: str, log) -> None:
