@@ -97,6 +97,12 @@ def hold_zeros(model: nn.Module, include_pointwise: bool = False) -> None:
         hold_mask(module, tensor_name, (values != 0).to(values.dtype))
 
 
+def layer_sparsity(model: nn.Module, include_pointwise: bool = False) -> dict[str, float]:
+    """Layer -> fraction of exactly-zero entries of its prunable tensor (whatever rule zeroed them)."""
+    return {name: float((getattr(m, t).detach() == 0).float().mean())
+            for name, m, t in prunable_tensors(model, include_pointwise)}
+
+
 def coefficient_sparsity(model: nn.Module, include_pointwise: bool = False) -> float:
     """Fraction of exactly-zero entries over all prunable tensors (with ``abs``: the reference's
     log forgot it and counted every negative coefficient as zero)."""

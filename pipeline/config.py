@@ -288,6 +288,7 @@ class RetrainConfig(TrainConfig):
     epochs: int = field(default=5, metadata=_check(_ge(0)))
     lr: float = field(default=0.02, metadata=_check(_finite, _gt(0)))
     l1: float = field(default=3e-3, metadata=_check(_finite, _ge(0)))
+    group_l1: float = field(default=0.0, metadata=_check(_finite, _ge(0)))
     alternate_every: int = field(default=1, metadata=_check(_ge(1)))
     start_with: Literal["coefficients", "basis", "joint"] = "coefficients"
     include_pointwise: bool = False
@@ -295,18 +296,25 @@ class RetrainConfig(TrainConfig):
 
 @dataclass
 class PruneConfig:
-    rule: Literal["std", "sparsity"] = "std"
+    rule: Literal["std", "sparsity", "channels", "channels+std", "channels+sparsity"] = "std"
     s: float = field(default=1.25, metadata=_check(_finite, _gt(0)))
     target: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
+    target_dense_macs_reduction: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
     include_pointwise: bool = False
 
     def _cross_check(self, prefix: str) -> list[str]:
-        if self.rule == "sparsity" and self.target is None:
-            return [
-                f"{prefix}target: required when {prefix}rule is 'sparsity'; got null. "
+        problems = []
+        if self.rule.endswith("sparsity") and self.target is None:
+            problems.append(
+                f"{prefix}target: required when {prefix}rule is {self.rule!r}; got null. "
                 f"Set a fraction in (0, 1), e.g. --set {prefix}target=0.9."
-            ]
-        return []
+            )
+        if self.rule.startswith("channels") and self.target_dense_macs_reduction is None:
+            problems.append(
+                f"{prefix}target_dense_macs_reduction: required when {prefix}rule is {self.rule!r}; got null. "
+                f"Set the fraction of dense MACs to remove, e.g. --set {prefix}target_dense_macs_reduction=0.6."
+            )
+        return problems
 
 
 @dataclass

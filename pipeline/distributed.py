@@ -306,6 +306,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
     retraining = job.stage == "retrain"
     schedule = penni.AlternatingSchedule(tcfg.alternate_every, tcfg.start_with) if retraining else None
     l1 = tcfg.l1 if retraining else 0.0
+    group_l1 = getattr(tcfg, "group_l1", 0.0) if retraining else 0.0
     include_pointwise = bool(getattr(tcfg, "include_pointwise", False))
 
     val_loader = make_loader(_shard(splits.val, world.rank, world.world_size), cfg.data.eval_batch_size,
@@ -328,7 +329,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
         phase = schedule.start_epoch(model, optimizer, epoch) if schedule else "all"
         lr = optimizer.param_groups[0]["lr"]
         try:
-            train_m = T.train_one_epoch(model, loader, optimizer, hw, epoch=epoch, l1=l1,
+            train_m = T.train_one_epoch(model, loader, optimizer, hw, epoch=epoch, l1=l1, group_l1=group_l1,
                                         include_pointwise=include_pointwise, schedule=schedule,
                                         label_smoothing=tcfg.label_smoothing)
         except T.NonFiniteLossError as err:
@@ -360,6 +361,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
             metrics["train_objective"] = float(train_counts[2] / train_counts[3])  # cross-entropy + l1 * |coefficients|
             with torch.no_grad():
                 metrics["l1_penalty"] = float(penni.l1_penalty(unwrap(model), include_pointwise))
+                metrics["group_l1_penalty"] = float(penni.group_l1_penalty(unwrap(model), include_pointwise=include_pointwise))
         if metrics["val_top1"] > best["val_top1"]:
             best = {"epoch": epoch, "val_top1": metrics["val_top1"]}
             if world.rank == 0:

@@ -145,13 +145,25 @@ def run_retrain(ctx: StageContext) -> dict:
 
 
 def run_prune(ctx: StageContext) -> dict:
-    """Zero small coefficients (masks held from here on)."""
+    """Zero whole channels (to a dense-MAC target) and/or small coefficients (masks held from here on)."""
+    from penni.prune import layer_sparsity
+
     pcfg = ctx.cfg.prune
     model = load(ctx.input_model("retrain"))
-    per_layer = penni.prune(model, rule=pcfg.rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+    metrics = {}
+    if pcfg.rule.startswith("channels"):  # "channels", "channels+std", "channels+sparsity"
+        x = example_batch(build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), batch_size=8)
+        report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
+        print(report.summary(), flush=True)
+        _write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
+        metrics = {"predicted_dense_macs_reduction": report.reduction, "channel_groups_removed": report.groups_removed}
+    element_rule = pcfg.rule.split("+")[-1]
+    if element_rule != "channels":
+        penni.prune(model, rule=element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+    per_layer = layer_sparsity(model, pcfg.include_pointwise)
     save(model, ctx.out_dir / MODEL_FILE)
     _write_json(ctx.out_dir / "sparsity.json", per_layer)
-    return {"sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
+    return {**metrics, "sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
 

@@ -143,6 +143,7 @@ def train_one_epoch(
     *,
     epoch: int = 0,
     l1: float = 0.0,
+    group_l1: float = 0.0,
     include_pointwise: bool = False,
     schedule: penni.AlternatingSchedule | None = None,
     label_smoothing: float = 0.0,
@@ -158,7 +159,8 @@ def train_one_epoch(
         with _autocast(hw):
             logits = model(x)
             ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        loss = ce + l1 * penni.l1_penalty(model, include_pointwise).to(ce) if l1 > 0 else ce
+        penalized = l1 > 0 or group_l1 > 0  # element-wise L1 and channel group lasso (penni.sparsity_penalty)
+        loss = ce + penni.sparsity_penalty(model, l1, group_l1, include_pointwise).to(ce) if penalized else ce
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch} step {step}")
         optimizer.zero_grad(set_to_none=True)
