@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .recipe import FACTORY_NAME
 
-__all__ = ["register_factory", "get_factory", "registered_factories", "UnknownFactoryError",
+__all__ = ["register_factory", "get_factory", "registered_factories", "UnknownFactoryError", "without_downloads",
            "TORCHVISION_PREFIX", "build_within_budget", "BuildBudgetExceeded"]
 
 Factory = Callable[..., nn.Module]
@@ -78,17 +78,29 @@ def _torchvision_builder(name: str) -> Factory | None:
     return _without_pretrained_weights(builder, name)
 
 
+def _refuse_downloads(kwargs: Mapping[str, Any], name: str) -> None:
+    for arg in DOWNLOAD_ARGS:
+        if kwargs.get(arg) is not None:
+            raise ValueError(f"{name} is rebuilt without pretrained weights (the file holds the weights; "
+                             f"penni.load never downloads); got {arg}={kwargs[arg]!r}")
+
+
+def without_downloads(fn: Factory, name: str) -> Factory:
+    """``fn`` refusing ``weights=`` / ``weights_backbone=`` arguments that would download weights."""
+    def build(**kwargs: Any) -> nn.Module:
+        _refuse_downloads(kwargs, name)
+        return fn(**kwargs)
+
+    return build
+
+
 def _without_pretrained_weights(builder: Factory, name: str) -> Factory:
     """``builder`` called with ``weights=None`` (and ``weights_backbone=None`` where it takes one)."""
     params = inspect.signature(builder).parameters
 
     def build(**kwargs: Any) -> nn.Module:
-        for arg in DOWNLOAD_ARGS:
-            if kwargs.get(arg) is not None:
-                raise ValueError(f"{name} is rebuilt without pretrained weights (the file holds the weights); "
-                                 f"got {arg}={kwargs[arg]!r}")
-            if arg in params:
-                kwargs[arg] = None
+        _refuse_downloads(kwargs, name)
+        kwargs.update({arg: None for arg in DOWNLOAD_ARGS if arg in params})
         return builder(**kwargs)
 
     return build

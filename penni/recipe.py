@@ -91,7 +91,8 @@ def set_constructor(model: nn.Module, factory: str, **kwargs: Any) -> nn.Module:
 
 def check_layer_name(name: Any, field_name: str) -> str:
     """A module path such as ``features.0.conv`` (no globs, no dunder tricks, bounded length)."""
-    if not isinstance(name, str) or len(name) > 1024 or not LAYER_NAME.fullmatch(name):
+    if (not isinstance(name, str) or len(name) > 1024 or not LAYER_NAME.fullmatch(name)
+            or any(part.startswith("__") for part in name.split("."))):
         raise ValueError(f"{field_name}: {str(name)[:80]!r} is not a layer name (dotted letters, digits, _ and -)")
     return name
 

@@ -193,6 +193,10 @@ def _forward_modes(model: nn.Module) -> dict[str, str]:
             if isinstance(m, PenniConv2d) and m.forward_mode != "reconstruct"}
 
 
+def _penni_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, PenniConv2d)]
+
+
 def _restore_forward_modes(model: nn.Module, modes: Mapping[str, str] | None) -> None:
     """Set the saved forward modes (``None``: keep the model's); "dense" layers re-bake their kernels."""
     for name, m in model.named_modules():
@@ -670,6 +674,10 @@ def load(path: Any, map_location: Any = "cpu",
     state, _ = _split_masks(tensors)
     model = _build_checked(recipe, factories, state, f"the tensors in {path}")
     _load_tensors(model, tensors, f"the tensors in {path}", adopt_dtypes=True)
+    unknown = sorted(set(modes) - set(_penni_layer_names(model)))
+    if unknown:
+        raise PenniFormatError(f"{path}: {MODES_KEY} names layers that are not PenniConv2d layers of the "
+                               f"model: {unknown[:5]}")
     _restore_forward_modes(model, modes)
     object.__setattr__(model, RECIPE_ATTR, recipe)
     return model if map_location is None else model.to(map_location)

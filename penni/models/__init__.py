@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..factories import register_factory
+from ..factories import register_factory, without_downloads
 from ..recipe import set_constructor
 from .resnet import ChannelPadShortcut, CifarResNet, resnet18, resnet56
 from .vgg import VGG, fashion_cnn, vgg16
@@ -50,7 +50,7 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 3, **kwargs
 
 
 BUILD_MODEL_FACTORY = "penni.models:build_model"   # the name every penni checkpoint's recipe uses
-register_factory(BUILD_MODEL_FACTORY, build_model)
+register_factory(BUILD_MODEL_FACTORY, without_downloads(build_model, BUILD_MODEL_FACTORY))
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
