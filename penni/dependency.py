@@ -5,22 +5,28 @@ producing conv's output row, its BatchNorm channel, the input column of every co
 across a residual addition, the same channel of every other branch. This module derives that
 coupling from the traced graph, never from module names:
 
-* the model is traced with :class:`ChannelTracer` (``torch.fx``; PenniConv2d,
-  ChannelPadShortcut and every module with a registered channel rule are leaves) and run once
+* the model is traced with :class:`ChannelTracer` (``torch.fx``; PenniConv2d and every module
+  with a registered channel rule, e.g. ChannelPadShortcut, are leaves) and run once
   on the example inputs (a ``ShapeProp`` subclass), so every node's output shape is known;
-* every channel (dim 1) of every tensor gets an *atom*; producers (Conv2d / PenniConv2d with
-  ``groups == 1``, Linear on ``(N, F)`` inputs) create fresh atoms, channel-wise ops pass the
+* every channel (dim 1) of every tensor gets an *atom*; producers (Conv2d / PenniConv2d, grouped
+  ones included, Linear on ``(N, F)`` inputs) create fresh atoms, channel-wise ops pass the
   atom list through, elementwise ops between tensors with the same channel count *unite* the
   atoms pairwise (union-find: a residual channel stays if any branch needs it), ``torch.cat``
   on dim 1 concatenates the lists, flattening ``(N, C, H, W)`` to ``(N, C*H*W)`` repeats each
   atom ``H*W`` times (so a Linear head's in-features follow their channel);
-* whatever is not understood (grouped convs, channel slicing/reshapes, unknown functions,
+* a depthwise conv (``groups == in_channels``, ``out_channels = k * in_channels``) is a
+  per-channel op: its output channels ``k*c .. k*c+k-1`` share input channel ``c``'s atom, so the
+  channel, the conv's weight rows and everything downstream go together (its rows are listed
+  as producers of kind "depthwise"). Other grouped convs are ordinary producers and consumers;
+  ``shrink`` then keeps their per-group widths equal (``ChannelGraph.conv_groups``);
+* whatever is not understood (channel slicing/reshapes, ``chunk`` and ShuffleNet's channel
+  shuffle, unknown functions,
   methods and leaf modules, the model inputs and outputs) is *frozen*: its channels are kept.
 
 The union-find classes are the :class:`ChannelGroup` s: each lists its producers, its
 per-channel BatchNorms and its consumers with their input positions. Modules whose channels
-are not created by a plain conv (ChannelPadShortcut's zero channels, custom layers) describe
-themselves with :func:`register_channel_rule`.
+are not created by a plain conv (the CIFAR ResNet's ChannelPadShortcut zero channels, custom
+layers) describe themselves with :func:`register_channel_rule` (the model file registers them).
 
 Why torch.fx and not Torch-Pruning's DependencyGraph: shrink needs its own semantics anyway
 (constant channels folded into their consumers' biases, residual unions where a channel is kept
@@ -41,7 +47,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .conv import PenniConv2d
-from .models.resnet import ChannelPadShortcut
 from .slicing import SLICE_OUT, register_slicer
 
 # ----------------------------------------------------------------------------- rule registry
@@ -106,23 +111,6 @@ def _has_slicer(module: nn.Module) -> bool:
     return any(cls in SLICE_OUT for cls in type(module).__mro__)
 
 
-def _pad_shortcut_rule(module: ChannelPadShortcut, ctx: RuleContext) -> list[int] | None:
-    (x,) = ctx.inputs
-    if x is None:
-        return None
-    return ctx.fresh(module.pad_before, zero=True) + list(x) + ctx.fresh(module.pad_after, zero=True)
-
-
-def _slice_pad_shortcut(module: ChannelPadShortcut, idx: torch.Tensor) -> None:
-    """Keep the zero channels ``idx`` of the ``pad_before + pad_after`` this shortcut creates."""
-    idx = torch.as_tensor(idx, dtype=torch.long)
-    before = int((idx < module.pad_before).sum())
-    module.pad_before, module.pad_after = before, len(idx) - before
-
-
-register_channel_rule(ChannelPadShortcut, _pad_shortcut_rule, _slice_pad_shortcut)
-
-
 # ----------------------------------------------------------------------------- tracing
 
 class ChannelTracer(fx.Tracer):
@@ -151,7 +139,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
 @dataclass(frozen=True)
 class Producer:
     """Output slot ``index`` of ``module``; ``kind``: "weights" (conv/linear row), "zero" (a rule's
-    exactly-zero channel) or "opaque" (a rule's channel of unknown value)."""
+    exactly-zero channel), "opaque" (a rule's channel of unknown value) or "depthwise" (a row of a
+    depthwise conv that filters the group's channel: it creates no new channel, but a pruner that
+    kills the group should zero it too)."""
     module: str
     index: int
     kind: str
@@ -191,6 +181,9 @@ class ChannelGraph:
     ``slots[module][axis]`` is the group id of every position of a sliceable module:
     axis "out" (conv/linear outputs, BatchNorm channels, a rule module's own channels) and
     "in" (conv/linear inputs). ``kinds[module]`` is "conv", "linear", "norm" or "rule".
+    ``conv_groups[module]`` is the ``groups`` of every traced conv with ``groups > 1`` and
+    ``depthwise[module]`` the channel multiplier ``k`` of those that are depthwise (input channel
+    ``c`` and output channels ``k*c .. k*c+k-1`` are in one group).
     """
     graph_module: fx.GraphModule
     groups: dict[int, ChannelGroup]
@@ -198,6 +191,8 @@ class ChannelGraph:
     kinds: dict[str, str]
     node_groups: dict[str, list[int] | None]
     input_stats: dict[str, InputStats]
+    conv_groups: dict[str, int] = field(default_factory=dict)
+    depthwise: dict[str, int] = field(default_factory=dict)
 
     def group_of(self, module: str, axis: str, index: int) -> ChannelGroup:
         return self.groups[self.slots[module][axis][index]]
@@ -280,6 +275,9 @@ class _Analysis:
         self.frozen: dict[int, str] = {}
         self.const_unsafe: set[int] = set()
         self.producers: dict[int, Producer] = {}
+        self.filters: list[tuple[int, Producer]] = []   # depthwise rows: (atom they filter, row)
+        self.conv_groups: dict[str, int] = {}
+        self.depthwise: dict[str, int] = {}
         self.atoms: dict[fx.Node, list[int] | None] = {}
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
         self.module_out: dict[str, list[int]] = {}   # producer/norm/rule module -> out atoms (own slots)
@@ -410,8 +408,6 @@ class _Analysis:
             raise _Unknown("module called with several arguments")
         x = node.args[0]
         if _is_conv(module) or _is(module, nn.Linear):
-            if getattr(module, "groups", 1) != 1:
-                raise _Unknown("grouped convolution")
             atoms = self.tracked(x)
             in_shape = self.shapes[x]
             if isinstance(module, nn.Linear) and len(in_shape) != 2:
@@ -424,6 +420,11 @@ class _Analysis:
             else:
                 self.module_in[name] = list(atoms)
             self.uses.append((node.name, name, list(atoms)))
+            groups = getattr(module, "groups", 1)
+            if groups != 1:
+                self.conv_groups[name] = groups
+            if groups != 1 and groups == module.in_channels:
+                return self.depthwise_conv(name, module, atoms)
             if name not in self.module_out:
                 out = [self.new() for _ in range(self.channels(out_shape))]
                 for i, a in enumerate(out):
@@ -447,6 +448,18 @@ class _Analysis:
         if isinstance(module, nn.Flatten):
             return self.flatten(node, x, module.start_dim, out_shape)
         raise _Unknown(f"no channel rule for module {type(module).__name__}")
+
+    def depthwise_conv(self, name: str, module: nn.Module, atoms: list[int]) -> list[int]:
+        """Output channel ``o`` of a depthwise conv filters input channel ``o // k``: same atom."""
+        k = module.out_channels // module.in_channels
+        out = [atoms[o // k] for o in range(module.out_channels)]
+        if name in self.module_out:
+            self.union_lists(self.module_out[name], out)
+        else:
+            self.module_out[name] = list(out)
+            self.filters.extend((a, Producer(name, o, "depthwise")) for o, a in enumerate(out))
+        self.depthwise[name] = k
+        return out
 
     def binary(self, operands: Sequence[Any], out_shape: tuple | None) -> list[int] | None:
         lists, scalar_tensor = [], False
@@ -596,6 +609,8 @@ class _Analysis:
 
         for atom, producer in self.producers.items():
             group(atom).producers.append(producer)
+        for atom, producer in self.filters:
+            group(atom).producers.append(producer)
         for name, atoms in self.module_out.items():
             if self.kinds.get(name) == "norm":
                 for i, a in enumerate(atoms):
@@ -618,7 +633,8 @@ class _Analysis:
             slots.setdefault(name, {})["in"] = [group(a).id for a in atoms]
         node_groups = {n.name: None if atoms is None else [group(a).id for a in atoms]
                        for n, atoms in self.atoms.items()}
-        return ChannelGraph(gm, {g.id: g for g in groups.values()}, slots, dict(self.kinds), node_groups, stats)
+        return ChannelGraph(gm, {g.id: g for g in groups.values()}, slots, dict(self.kinds), node_groups, stats,
+                            dict(self.conv_groups), dict(self.depthwise))
 
 
 class _Propagate(ShapeProp):

@@ -327,20 +327,20 @@ class Branchy(nn.Module):
         return self.fc(z.view(z.size(0), -1)) + self.h(u)
 
 
-def test_concat_residual_flatten_and_frozen_grouped_conv():
+def test_concat_residual_flatten_and_grouped_conv():
     torch.manual_seed(0)
     net = Branchy().eval()
     kill_in(net, "fc", range(8, 12))       # channel 2 of z (features 8..11) is read by nobody
     kill_in(net, "c", [6])
     kill_in(net, "d", [6])                 # concat position 6 = b's channel 2
     kill_out(net, "c", [4])                # only one branch of the residual sum: must stay
-    kill_out(net, "e", [1])                # feeds a grouped conv: frozen, must stay
+    kill_out(net, "e", [1])                # its bias, read by a zero-padded grouped conv: must stay
     x = torch.randn(2, 3, 8, 8)
     graph = channel_graph(net, x)
     assert graph.group_of("c", "out", 3) is graph.group_of("d", "out", 3)   # residual union
     assert graph.slots["c"]["in"][4:] == graph.slots["b"]["out"]             # concat positions
     assert graph.slots["fc"]["in"][8:12] == [graph.slots["c"]["out"][2]] * 4  # flatten blocks
-    assert graph.group_of("e", "out", 1).frozen
+    assert graph.conv_groups == {"g": 2} and not graph.group_of("e", "out", 1).frozen
     small = shrink(net, x)
     with torch.no_grad():
         assert rel_err(small(x), net(x)) <= 1e-6

@@ -1,8 +1,11 @@
 """CIFAR-layout ResNets: ResNet18 (kuangliu layout, 1x1 conv shortcuts) and ResNet56 (option A)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..dependency import RuleContext, register_channel_rule
 
 
 class BasicBlock(nn.Module):
@@ -33,6 +36,24 @@ class ChannelPadShortcut(nn.Module):
 
     def forward(self, x):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+def _pad_shortcut_rule(module: ChannelPadShortcut, ctx: RuleContext) -> list[int] | None:
+    """Channels of a pad shortcut: its own zero channels around the (followed) input channels."""
+    (x,) = ctx.inputs
+    if x is None:
+        return None
+    return ctx.fresh(module.pad_before, zero=True) + list(x) + ctx.fresh(module.pad_after, zero=True)
+
+
+def _slice_pad_shortcut(module: ChannelPadShortcut, idx: torch.Tensor) -> None:
+    """Keep the zero channels ``idx`` of the ``pad_before + pad_after`` this shortcut creates."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    before = int((idx < module.pad_before).sum())
+    module.pad_before, module.pad_after = before, len(idx) - before
+
+
+register_channel_rule(ChannelPadShortcut, _pad_shortcut_rule, _slice_pad_shortcut)
 
 
 class CifarResNet(nn.Module):
