@@ -68,8 +68,9 @@ def check_trainable(cfg: Any, splits_or_sizes: Any, num_workers: int | None = No
 def non_finite_loss_advice(stage: str, tcfg: Any) -> str:
     """What to change when ``stage``'s loss diverges."""
     knobs = [f"{stage}.lr (now {tcfg.lr:g})"]
-    if getattr(tcfg, "l1", 0) > 0:
-        knobs.append(f"{stage}.l1 (now {tcfg.l1:g})")
+    for penalty in ("l1", "group_l1"):
+        if getattr(tcfg, penalty, 0) > 0:
+            knobs.append(f"{stage}.{penalty} (now {getattr(tcfg, penalty):g})")
     return "lower " + " or ".join(knobs)
 
 
