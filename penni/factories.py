@@ -145,6 +145,8 @@ class BuildBudgetExceeded(MemoryError):
 def _requested_bytes(func: Any, args: tuple, kwargs: dict) -> int | None:
     """Bytes a tensor-creating op (one with a ``size`` argument, or ``arange``) will allocate."""
     schema = func._schema
+    if any(ret.alias_info is not None for ret in schema.returns):
+        return None  # views and in-place ops allocate nothing
     values = {arg.name: (args[i] if i < len(args) else kwargs.get(arg.name))
               for i, arg in enumerate(schema.arguments)}
     if "size" in values and values["size"] is not None:

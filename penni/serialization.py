@@ -219,12 +219,13 @@ def _normalize_constructor(constructor: Any) -> dict[str, Any]:
         raise TypeError(f"constructor must be ('package.module:callable', kwargs), got {constructor!r}")
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"constructor kwargs must be a dict, got {type(kwargs).__name__}")
-    normalized = {"factory": factory, "kwargs": dict(kwargs or {})}
     try:
-        check_constructor(normalized)
-    except TypeError as err:
+        plain = json.loads(_dumps(dict(kwargs or {})))  # tuples become lists, as in the file
+    except (TypeError, ValueError) as err:
         raise TypeError(f"the constructor arguments of {factory} must be plain JSON data "
                         f"(str, int, float, bool, None, lists, dicts) to be saved: {err}") from None
+    normalized = {"factory": factory, "kwargs": plain}
+    check_constructor(normalized)
     return normalized
 
 

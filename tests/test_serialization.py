@@ -270,6 +270,8 @@ def test_constructor_argument_and_missing_constructor(tmp_path):
     assert get_recipe(other).constructor == get_recipe(model).constructor   # the model is not changed
     assert load(tmp_path / "y.safetensors").classifier.in_features == 8
     del model
+    save(build_model("fashion_cnn", in_channels=1, widths=(4, 8, 6)), tmp_path / "t.safetensors")  # a tuple
+    assert load(tmp_path / "t.safetensors").classifier.in_features == 6
 
 
 def test_save_refuses_a_recipe_that_does_not_rebuild_the_model(tmp_path):
