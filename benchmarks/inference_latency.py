@@ -225,7 +225,8 @@ def per_layer_form(compressed: nn.Module, x: torch.Tensor, args: argparse.Namesp
     if optimize is None:
         return penni.set_forward_mode(model, "factorized"), "penni.optimize_for_inference missing: all-factorized"
     plan = optimize(model, x, device=x.device, repeats=args.optimize_repeats)
-    modes = plan.modes() if callable(getattr(plan, "modes", None)) else {}
+    modes = getattr(plan, "modes", {})
+    modes = modes() if callable(modes) else modes
     counts = {m: list(modes.values()).count(m) for m in sorted(set(modes.values()))}
     return model, f"optimize_for_inference kept {getattr(plan, 'kept', '?')}, layer modes {counts}"
 
