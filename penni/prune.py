@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .conv import PenniConv2d
+from .dependency import ChannelGraph, ChannelGroup, channel_graph
 from .masking import bake_masks, get_mask, hold_mask
+from .profile import profile
 from .regularization import is_pointwise
 
 CHANNEL_COSTS: tuple[str, ...] = ("dense_macs", "params")
@@ -178,10 +180,8 @@ def _is_depthwise(module: nn.Module) -> bool:
     return groups > 1 and groups == getattr(module, "in_channels", -1)
 
 
-def _layer_costs(model: nn.Module, graph, cost: str, example_inputs) -> tuple[dict[str, _LayerCost], float]:
+def _layer_costs(model: nn.Module, graph: ChannelGraph, cost: str, example_inputs) -> tuple[dict[str, _LayerCost], float]:
     """Per sliceable layer: its cost split into the parts that scale with out x in and with out."""
-    from .profile import profile  # profile imports regularization; import here keeps prune light
-
     measured = profile(model, example_inputs)
     rows = {r.name: r for r in measured.rows}
     total = float(measured.dense_macs if cost == "dense_macs" else measured.params)
@@ -215,7 +215,7 @@ def _normalised(values: torch.Tensor) -> torch.Tensor:
     return values / values.mean().clamp_min(1e-12)
 
 
-def _group_scores(model: nn.Module, graph, groups: list) -> dict[int, float]:
+def _group_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[int, float]:
     """Importance of each group: producer rows x BatchNorm |gamma| x consumer columns.
 
     Each factor is the mean, over the group's members of that kind, of a magnitude normalised
@@ -259,7 +259,7 @@ def _group_scores(model: nn.Module, graph, groups: list) -> dict[int, float]:
     return scores
 
 
-def _prunable_groups(graph, exclude: set[str]) -> list:
+def _prunable_groups(graph: ChannelGraph, exclude: set[str]) -> list[ChannelGroup]:
     """Groups whose channels can be zeroed: free, made by weights (or zero rules), no excluded layer."""
     found = []
     for g in graph.groups.values():
@@ -274,7 +274,7 @@ def _prunable_groups(graph, exclude: set[str]) -> list:
     return found
 
 
-def _footprints(graph) -> dict[int, list[tuple[str, str, int]]]:
+def _footprints(graph: ChannelGraph) -> dict[int, list[tuple[str, str, int]]]:
     """Group id -> ``(layer, axis, positions)`` it occupies in every sliceable layer."""
     counts: dict[int, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
     for name, axes in graph.slots.items():
@@ -284,7 +284,7 @@ def _footprints(graph) -> dict[int, list[tuple[str, str, int]]]:
     return {gid: [(name, axis, n) for (name, axis), n in c.items()] for gid, c in counts.items()}
 
 
-def _select_groups(groups: list, scores: dict[int, float], layers: dict[str, _LayerCost],
+def _select_groups(groups: list[ChannelGroup], scores: dict[int, float], layers: dict[str, _LayerCost],
                    footprints: dict, total: float, target: float, slack: float) -> tuple[list, float]:
     """Least important groups first, until the cost falls by ``target`` (skipping a group that would
     overshoot by more than ``slack`` or leave a layer without channels); returns them and the cost."""
@@ -316,7 +316,7 @@ def _shift(affected: list, sign: int) -> None:
             lc.kept_in += sign * k
 
 
-def _zero_masks(model: nn.Module, chosen: list) -> None:
+def _zero_masks(model: nn.Module, chosen: list[ChannelGroup]) -> None:
     """Hold at zero everything that writes or reads the chosen channels.
 
     Producers: the output row and bias (PenniConv2d coefficients, Conv2d/Linear weight);
@@ -376,8 +376,6 @@ def prune_channels(
     target by more than ``slack`` is skipped for a cheaper one. Apply ``prune(rule="std")``
     afterwards for element-wise sparsity on the surviving channels.
     """
-    from .dependency import channel_graph
-
     if target is None or not 0.0 < target < 1.0:
         raise ValueError(f"rule='channels' needs a target in (0, 1) (the fraction of {cost} to remove), got {target!r}")
     if cost not in CHANNEL_COSTS:
@@ -390,7 +388,7 @@ def prune_channels(
     if not groups:
         raise ValueError("prune found no channel it may remove: every channel group is frozen "
                          "(see penni.channel_graph(model, x).describe())")
-    scores = _group_scores(view, graph, groups)
+    scores = _group_scores(view, groups)
     chosen, after = _select_groups(groups, scores, layers, _footprints(graph), total, target, slack)
     _zero_masks(model, chosen)
     report = ChannelPruneReport(cost, target, total, after, len(graph.groups), len(groups), len(chosen))
