@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU latency benchmark (issue 7): the seed's compressed VGG16/ResNet50 and the quickstart net vs dense,
-# float32 at batch 1/32/256 and bfloat16 at batch 256, timed with CUDA events, first eager, then with
-# CUDA graphs on both sides. Needs only torch, torchvision, safetensors and numpy (no Ray, MLflow, onnx).
-# Writes inference_latency_gpu_{eager,cudagraphs}.{json,md} into $OUT (or benchmarks/results/).
-# About 2-4 minutes on one H200.   Usage: bash benchmarks/gpu_check.sh [extra inference_latency.py flags]
+# float32 at batch 1/32/256 and bfloat16 at batch 256, timed with CUDA events (cudnn.benchmark on): eager,
+# then CUDA graphs on both sides, then CUDA graphs + channels_last on both sides.
+# Needs only torch, torchvision, safetensors and numpy (no Ray, MLflow, onnx).
+# Writes inference_latency_gpu_{eager,cudagraphs,cudagraphs_cl}.{json,md} into $OUT (or benchmarks/results/).
+# About 2 minutes on one H200 (measured: 66 s for the first two runs).
+# Usage: bash benchmarks/gpu_check.sh [extra inference_latency.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${OUT:-benchmarks/results}"
@@ -14,3 +16,5 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,utilization.gpu --format=cs
 common=(--device cuda --repeats 50 --warmup 10 --optimize-repeats 10 --no-onnx "$@")
 time python benchmarks/inference_latency.py "${common[@]}" --graph none --out "$dest/inference_latency_gpu_eager"
 time python benchmarks/inference_latency.py "${common[@]}" --graph cudagraphs --out "$dest/inference_latency_gpu_cudagraphs"
+time python benchmarks/inference_latency.py "${common[@]}" --graph cudagraphs --channels-last \
+    --out "$dest/inference_latency_gpu_cudagraphs_cl"

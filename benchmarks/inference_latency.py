@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ORT (default: all cores)")
     p.add_argument("--graph", choices=("none", "compile", "cudagraphs"), default="none",
                    help="CUDA only: torch.compile or CUDA graphs for every form, or for none")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run every form (models and inputs) in the channels_last memory format")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="CUDA only: leave torch.backends.cudnn.benchmark off (default on, for every form)")
     p.add_argument("--bf16-batch", type=int, default=256, help="CUDA only: the batch size also timed in bfloat16")
     p.add_argument("--per-layer", choices=("optimize", "factorized"), default="optimize",
                    help="the per-layer form: penni.optimize_for_inference (default) or every layer factorized")
@@ -317,14 +321,19 @@ def measure(pair: Pair, batch: int, dtype: torch.dtype, args: argparse.Namespace
             threads: int, workdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Time every form of one pair at one batch size and dtype; rows for the results table."""
     torch.manual_seed(args.seed)
-    x = torch.randn(batch, *pair.input_shape, device=device, dtype=dtype)
-    base = copy.deepcopy(pair.baseline).to(device=device, dtype=dtype).eval()
-    small = penni.set_forward_mode(copy.deepcopy(pair.compressed).to(device=device, dtype=dtype).eval(), "dense")
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(batch, *pair.input_shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    base = copy.deepcopy(pair.baseline).to(device=device, dtype=dtype).to(memory_format=fmt).eval()
+    small = copy.deepcopy(pair.compressed).to(device=device, dtype=dtype).eval()
+    small = penni.set_forward_mode(small, "dense").to(memory_format=fmt)
     notes: list[str] = []
     with torch.inference_mode():
-        chosen, note = per_layer_form(small, x, args)
+        models = {"dense": base, "shrunk-dense": small}
+        try:
+            models["per-layer"], note = per_layer_form(small, x, args)
+        except Exception as err:  # e.g. a sparse kernel missing for this dtype or device
+            note = f"per-layer form failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         notes.append(f"{pair.case} batch {batch} {str(dtype).removeprefix('torch.')}: {note}")
-        models = {"dense": base, "shrunk-dense": small, "per-layer": chosen}
         fns, diffs = {}, {}
         reference = small(x)
         for form, model in models.items():
@@ -404,12 +413,13 @@ def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    m, st = result["machine"], result["settings"]
     lines = [f"# Inference latency: compressed vs dense ({result['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads" + (f", GPU {m['gpu']}" if "gpu" in m else "")
              + f"; torch {m['torch']}, onnxruntime {m.get('onnxruntime')}; device {m['device']}; "
-             f"graph mode {result['settings']['graph']}; median of {result['settings']['repeats']} interleaved runs "
-             f"after {result['settings']['warmup']} warm-up runs.", "",
+             f"graph mode {st['graph']}, channels_last {st['channels_last']}, cudnn.benchmark "
+             f"{m['device'].startswith('cuda') and not st['no_cudnn_benchmark']}; median of {st['repeats']} "
+             f"interleaved runs after {st['warmup']} warm-up runs.", "",
              "Speed-up = reference median / form median (torch forms vs `dense`, `ort-compressed` vs `ort-dense`).", ""]
     for pair in result["pairs"]:
         base, comp = pair["structure"]["baseline"], pair["structure"]["compressed"]
@@ -456,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     pairs = []
