@@ -260,6 +260,12 @@ _SIZE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 _SIZE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 
 
+def _is_stochastic_depth(fn: Any) -> bool:
+    """torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt), matched by name: penni does not
+    import torchvision. It scales whole samples, so channels pass through."""
+    return getattr(fn, "__name__", "") == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -546,6 +552,9 @@ class _Analysis:
             return self.passthrough(node, _arg(node, 0, "input"), out_shape)
         if fn in _CONST_BREAKING_FUNCTIONS:
             return self.passthrough(node, _arg(node, 0, "input"), out_shape, const_safe=False)
+        if _is_stochastic_depth(fn):  # torchvision's (fx-wrapped) per-sample drop: per channel
+            training = _arg(node, 3, "training", True)
+            return self.passthrough(node, _arg(node, 0, "input"), out_shape, const_safe=training is False)
         if fn is F.pad:
             pad = _arg(node, 1, "pad")
             x = _arg(node, 0, "input")

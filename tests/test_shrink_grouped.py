@@ -273,3 +273,30 @@ def test_round_to_must_be_a_positive_int():
     net = _grouped_net()
     with pytest.raises(ValueError, match="round_to"):
         shrink(net, torch.randn(1, 3, 8, 8), round_to=0)
+
+
+def test_squeeze_excitation_and_stochastic_depth_are_followed():
+    """EfficientNet: the SE gate multiplies the depthwise output channel-wise (one group), and
+    torchvision's stochastic_depth passes channels through; a channel nobody reads goes everywhere."""
+    torch.manual_seed(0)
+    model = build_model("torchvision:efficientnet_b0", num_classes=10, in_channels=3)
+    randomize_batchnorm(model, 1, mean_scale=0.2, bias_scale=0.3)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    graph = channel_graph(model, x)
+    assert all(g.frozen in (None, "model output") or g.frozen.startswith("model input")
+               for g in graph.groups.values()), [g.frozen for g in graph.groups.values() if g.frozen][:3]
+    block = "features.1.0.block"
+    assert graph.group_of(f"{block}.1.fc2", "out", 3) is graph.group_of(f"{block}.0.0", "out", 3)
+    assert graph.group_of(f"{block}.0.0", "out", 3) is graph.group_of("features.0.0", "out", 3)
+    kill_in(model, f"{block}.2.0", range(8))      # the project conv and the SE squeeze ignore 8 channels
+    kill_in(model, f"{block}.1.fc1", range(8))
+    small = shrink(model, x)
+    with torch.no_grad():
+        assert rel_err(small(x), model(x)) <= 1e-5
+    assert widths(small, [("features.0.0", "out_channels"), (f"{block}.0.0", "groups"),
+                          (f"{block}.1.fc1", "in_channels"), (f"{block}.1.fc2", "out_channels"),
+                          (f"{block}.2.0", "in_channels")]) == {
+        ("features.0.0", "out_channels"): 24, (f"{block}.0.0", "groups"): 24,
+        (f"{block}.1.fc1", "in_channels"): 24, (f"{block}.1.fc2", "out_channels"): 24,
+        (f"{block}.2.0", "in_channels"): 24}
