@@ -295,9 +295,20 @@ def _call_factory(fn: Callable, kwargs: Mapping[str, Any], name: str, budget: in
 
 
 def _axis_size(module: nn.Module, axis: str) -> int | None:
-    """Current length of ``module``'s output channels, input channels or basis kernels."""
+    """Current length of ``module``'s output channels, input channels or basis kernels.
+
+    A custom layer sliced by a registered slicer tells its size with ``penni_axis_size(axis)``;
+    a channel-padding shortcut's "out" axis is the zero channels it creates.
+    """
+    custom = getattr(type(module), "penni_axis_size", None)
+    if callable(custom):
+        size = custom(module, axis)
+        return size if type(size) is int else None
     if axis == "basis":
         return module.d if isinstance(module, PenniConv2d) else None
+    pads = (getattr(module, "pad_before", None), getattr(module, "pad_after", None))
+    if axis == "out" and all(type(p) is int for p in pads):
+        return pads[0] + pads[1]
     names = (("out_channels", "out_features", "num_features") if axis == "out"
              else ("in_channels", "in_features", "num_features"))
     for attr in names:

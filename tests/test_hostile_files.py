@@ -475,3 +475,17 @@ def test_user_registered_factory_loads(tmp_path):
         save(model, tmp_path / "u.safetensors")
     assert_loads_identically(model, tmp_path / "u.safetensors", torch.randn(2, 3, 8, 8),
                              factories={"hostile_tests:unregistered_tiny": Tiny})
+
+
+@pytest.mark.parametrize("kept", [[0, 16], [0, 10**6], list(range(20))], ids=["past the end", "huge", "too many"])
+def test_pad_shortcut_indices_are_checked(tmp_path, kept):
+    """A parameterless layer (ResNet-56's zero-padding shortcut) has no tensor shape to catch bad indices."""
+    path = tmp_path / "r.safetensors"
+    save(build_model("resnet56"), path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    recipe = json.loads(metadata["penni_recipe"])
+    recipe["kept"] = {"layer2.0.downsample": {"out": kept}}      # pads 8 + 8 zero channels
+    write(path, tensors, {**metadata, "penni_recipe": json.dumps(recipe)})
+    with pytest.raises(PenniFormatError, match="layer2.0.downsample"):
+        load(path)
