@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -393,7 +394,23 @@ def machine(device: torch.device, threads: int) -> dict[str, Any]:
         info["onnxruntime"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info.update(code_version())
     return info
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit measured and whether penni/ or benchmarks/ had uncommitted changes (None: no git)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "penni", "benchmarks")
+    return {"git_commit": git("rev-parse", "HEAD"), "uncommitted_changes": None if status is None else bool(status)}
 
 
 def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -416,7 +433,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     m, st = result["machine"], result["settings"]
     lines = [f"# Inference latency: compressed vs dense ({result['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads" + (f", GPU {m['gpu']}" if "gpu" in m else "")
-             + f"; torch {m['torch']}, onnxruntime {m.get('onnxruntime')}; device {m['device']}; "
+             + f"; torch {m['torch']}, onnxruntime {m.get('onnxruntime')}; git {m.get('git_commit')} "
+             f"(uncommitted changes: {m.get('uncommitted_changes')}); device {m['device']}; "
              f"graph mode {st['graph']}, channels_last {st['channels_last']}, cudnn.benchmark "
              f"{m['device'].startswith('cuda') and not st['no_cudnn_benchmark']}; median of {st['repeats']} "
              f"interleaved runs after {st['warmup']} warm-up runs.", "",
