@@ -7,7 +7,7 @@ A few calls around your own model and training loop::
     penni.prune(model, rule="std", s=1.0)                     # zero small coefficients, masks held
     small = penni.shrink(model, example_inputs)               # drop dead channels and bases
 """
-from .conv import FORWARD_MODES, PenniConv2d, penni_layers, set_forward_mode
+from .conv import FORWARD_MODES, INFERENCE_MODES, PenniConv2d, penni_layers, set_forward_mode
 from .decompose import decompose, svd_factors
 from .masking import bake_masks, hold_mask
 from .prune import ChannelPruneReport, coefficient_sparsity, hold_zeros, prune, prune_channels
@@ -16,13 +16,15 @@ from .regularization import group_l1_penalty, l1_penalty, sparsity_penalty
 from .schedule import AlternatingSchedule
 
 __all__ = [
-    "PenniConv2d", "FORWARD_MODES", "set_forward_mode", "penni_layers",
+    "PenniConv2d", "FORWARD_MODES", "INFERENCE_MODES", "set_forward_mode", "penni_layers",
     "decompose", "svd_factors", "l1_penalty", "group_l1_penalty", "sparsity_penalty", "AlternatingSchedule",
     "prune", "prune_channels", "ChannelPruneReport", "hold_zeros", "hold_mask", "bake_masks", "coefficient_sparsity",
     "Recipe", "get_recipe", "set_constructor",
 ]
 
 from .dependency import channel_graph, register_channel_rule
+from .export import export_onnx, to_torch
+from .inference import InferencePlan, optimize_for_inference
 from .profile import Profile, compare, macs_reduction, profile
 from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
 from .factories import get_factory, register_factory, registered_factories
@@ -32,5 +34,6 @@ __all__ += [
     "shrink", "ShrinkReport", "channel_graph", "register_channel_rule",
     "profile", "Profile", "compare", "macs_reduction",
     "save", "load", "save_state", "load_state", "recipe_json", "read_metadata", "PenniFormatError",
+    "optimize_for_inference", "InferencePlan", "to_torch", "export_onnx",
 ]
 __all__ += ["register_factory", "get_factory", "registered_factories"]
