@@ -740,7 +740,8 @@ def check_dataset(data_cfg: Any, num_classes: int) -> None:
     if int(found[0]) != int(num_classes):
         what = "Fashion-MNIST" if name == "fashion_mnist" else f"data.root={str(root)!r}"
         fix = "" if name == "fashion_mnist" else "fix the class folders or "
-        raise DataError(f"{what} has {found[0]} classes but model.num_classes={num_classes}; they must "
+        raise DataError(f"{what} has {found[0]} class{'es' if found[0] != 1 else ''} but "
+                        f"model.num_classes={num_classes}; they must "
                         f"be equal ({fix}set model.num_classes={found[0]}).")
 
 
