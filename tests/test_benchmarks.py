@@ -137,3 +137,22 @@ def test_bad_output_path_is_refused_and_nothing_written(tmp_path):
                 "--out", str(tmp_path / "q"))
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quickstart_pair_loads_a_pipeline_run(tmp_path):
+    """--quickstart-run reads baseline/ and shrink/model.safetensors through penni.load."""
+    import inference_latency
+
+    base, small = inference_latency._synthetic_quickstart(seed=0, size=28)
+    for stage, model in (("baseline", base), ("shrink", small)):
+        (tmp_path / stage).mkdir()
+        penni.save(model, tmp_path / stage / "model.safetensors")
+    args = inference_latency.parse_args(["--cases", "quickstart", "--quick", "--quickstart-run", str(tmp_path)])
+    pair = inference_latency.quickstart_pair(args)
+    assert pair.input_shape == (1, 28, 28) and pair.batch_sizes == [1, 2]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(pair.compressed(x), penni.set_forward_mode(small, "dense")(x))
+        torch.testing.assert_close(pair.baseline(x), base(x))
+    assert {n: m.forward_mode for n, m in penni.penni_layers(pair.compressed).items()} == \
+        {n: "dense" for n in penni.penni_layers(small)}
