@@ -22,7 +22,7 @@ from torch import nn
 
 from .conv import INFERENCE_MODES, PenniConv2d, penni_layers, set_forward_mode
 
-__all__ = ["optimize_for_inference", "InferencePlan", "LayerTiming", "time_forward"]
+__all__ = ["optimize_for_inference", "InferencePlan", "LayerTiming", "time_forward", "time_onnx_runtime"]
 
 
 @dataclass
@@ -111,6 +111,23 @@ def time_forward(fns: Sequence[Callable[[], Any]], repeats: int, device: torch.d
                 sync()
                 samples[i].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(s) for s in samples]
+
+
+def time_onnx_runtime(paths: Sequence[Any], x: torch.Tensor, repeats: int, threads: int | None = None,
+                      warmup: int = 3) -> list[float]:
+    """Median ms of ONNX Runtime (CPU provider) on each ONNX file, interleaved like :func:`time_forward`.
+
+    ``threads`` sets ``intra_op_num_threads`` (default: torch's thread count, so both runtimes get
+    the same cores). Needs onnxruntime (``pip install penni[export]``); imported only here.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    feed = {"input": x.detach().cpu().numpy()}
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    return time_forward([lambda s=s: s.run(None, feed) for s in sessions], repeats, torch.device("cpu"), warmup)
 
 
 def _call(model: nn.Module, inputs: tuple) -> Callable[[], Any]:

@@ -197,37 +197,34 @@ def run_shrink(ctx: StageContext) -> dict:
             "sparse_macs_after": after.sparse_macs}
 
 
-def measure_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median forward latency in milliseconds (inference mode, after warm-up)."""
-    model.eval()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def measure_latency(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median forward latency (ms) of each model on ``x``: inference mode, warm-up, the models
+    timed in turn round by round, so machine noise hits all of them alike."""
+    from penni.inference import time_forward
+
+    for model in models:
+        model.eval()
+    return time_forward([lambda m=m: m(x) for m in models], repeats, x.device)
 
 
-def _fastest_mode(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[str, dict[str, float]]:
-    """Time the factorized and dense inference forms; the model is left in the faster one."""
-    timings = {}
-    for mode in ("dense", "factorized"):
-        penni.set_forward_mode(model, mode)
-        timings[mode] = measure_latency(model, x, repeats)
-    best = min(timings, key=timings.get)
-    penni.set_forward_mode(model, best)
-    return best, timings
+def _fastest_mode(model: nn.Module, x: torch.Tensor, repeats: int) -> penni.InferencePlan:
+    """Set each PenniConv2d to its fastest form at this batch size (never slower than all-dense)."""
+    return penni.optimize_for_inference(model, x, repeats=repeats)
 
 
 def run_evaluate(ctx: StageContext) -> dict:
     """Test accuracy (top-1/top-5), parameters, MACs (sparse, dense-executable) and latency of
-    the baseline and the compressed model (the test split is only reported here)."""
+    the baseline and the compressed model (the test split is only reported here).
+
+    Latency: per batch size, the compressed model's layers get their fastest forms
+    (``penni.optimize_for_inference``), then baseline, compressed and compressed-all-dense are
+    timed interleaved with the same repeats and threads. The compressed model (first batch size's
+    choice) is saved as ``compressed.safetensors``; where onnx is installed, both models are
+    exported (``baseline.onnx``, ``compressed.onnx``, via ``penni.to_torch``) and timed in ONNX
+    Runtime's CPU provider with torch's thread count.
+    """
+    import copy
+
     cfg = ctx.cfg
     device = _device(cfg)
     hw = T.Hardware(device)
@@ -235,24 +232,34 @@ def run_evaluate(ctx: StageContext) -> dict:
     test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.loader_workers)
     x1 = example_batch(splits, batch_size=1)
     results: dict[str, dict] = {}
+    models: dict[str, nn.Module] = {}
     for label, path in (("baseline", ctx.input_model("baseline")), ("compressed", ctx.input_model("shrink"))):
-        model = load(path).eval().to(device)
-        prof = penni.profile(model.cpu(), x1)
+        model = load(path).eval()
+        prof = penni.profile(model, x1)
         model.to(device)
-        entry = {**T.evaluate(model, test_loader, hw, prefix="test"), "params": prof.params,
-                 "nonzero_params": prof.nonzero_params, "sparse_macs": prof.sparse_macs, "dense_macs": prof.dense_macs}
-        for bs in cfg.evaluate.latency_batch_sizes:
-            x = example_batch(splits, batch_size=bs).to(device)
-            if penni.penni_layers(model):
-                mode, timings = _fastest_mode(model, x, cfg.evaluate.latency_repeats)
-                entry[f"latency_ms_bs{bs}"] = timings[mode]
-                entry[f"latency_mode_bs{bs}"] = mode
-                entry[f"latency_ms_factorized_bs{bs}"] = timings["factorized"]
-                entry[f"latency_ms_dense_bs{bs}"] = timings["dense"]
-            else:
-                entry[f"latency_ms_bs{bs}"] = measure_latency(model, x, cfg.evaluate.latency_repeats)
-        results[label] = entry
+        results[label] = {**T.evaluate(model, test_loader, hw, prefix="test"), "params": prof.params,
+                          "nonzero_params": prof.nonzero_params, "sparse_macs": prof.sparse_macs,
+                          "dense_macs": prof.dense_macs}
+        models[label] = model
     b, c = results["baseline"], results["compressed"]
+    repeats, plans, first_modes = cfg.evaluate.latency_repeats, {}, None
+    penni.set_forward_mode(models["baseline"], "dense")
+    for bs in cfg.evaluate.latency_batch_sizes:
+        x = example_batch(splits, batch_size=bs).to(device)
+        plan = _fastest_mode(models["compressed"], x, repeats)
+        plans[f"bs{bs}"] = plan.to_dict()
+        first_modes = first_modes or plan.modes
+        dense = penni.set_forward_mode(copy.deepcopy(models["compressed"]), "dense")
+        b[f"latency_ms_bs{bs}"], c[f"latency_ms_bs{bs}"], c[f"latency_ms_dense_bs{bs}"] = measure_latency(
+            [models["baseline"], models["compressed"], dense], x, repeats)
+        c[f"latency_mode_bs{bs}"] = plan.kept
+        c[f"latency_factorized_layers_bs{bs}"] = sum(m != "dense" for m in plan.modes.values())
+        (ctx.out_dir / f"inference_plan_bs{bs}.md").write_text(plan.to_markdown())
+    for name, layer in penni.penni_layers(models["compressed"]).items():
+        layer.set_forward_mode((first_modes or {}).get(name, "dense"))
+    save(models["compressed"].cpu(), ctx.out_dir / "compressed.safetensors")  # keeps the chosen forms
+    models["compressed"].to(device)
+    onnx_note = _onnx_latency(ctx, models, results, splits, repeats)
     summary = {
         "baseline_test_top1": b["test_top1"], "compressed_test_top1": c["test_top1"],
         "top1_drop_points": 100.0 * (b["test_top1"] - c["test_top1"]),
@@ -262,12 +269,41 @@ def run_evaluate(ctx: StageContext) -> dict:
         "sparse_macs_reduction_pct": 100.0 * (1 - c["sparse_macs"] / b["dense_macs"]),
         "dense_macs_reduction_pct": 100.0 * (1 - c["dense_macs"] / b["dense_macs"]),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch_threads": torch.get_num_threads(), "latency_repeats": repeats,
     }
+    if onnx_note:
+        summary["onnx_note"] = onnx_note
     for bs in cfg.evaluate.latency_batch_sizes:
         summary[f"latency_speedup_bs{bs}"] = b[f"latency_ms_bs{bs}"] / c[f"latency_ms_bs{bs}"]
-    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary})
+        if f"ort_latency_ms_bs{bs}" in c:
+            summary[f"ort_latency_speedup_bs{bs}"] = b[f"ort_latency_ms_bs{bs}"] / c[f"ort_latency_ms_bs{bs}"]
+    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary, "inference_plans": plans})
     flat = {f"{label}.{k}": v for label, entry in results.items() for k, v in entry.items()}
     return {**summary, **flat}
+
+
+def _onnx_latency(ctx: StageContext, models: dict[str, nn.Module], results: dict[str, dict], splits,
+                  repeats: int) -> str | None:
+    """Export both models to ONNX (via penni.to_torch) and time them in ONNX Runtime (CPU, interleaved,
+    torch's thread count); returns a note instead where onnx/onnxruntime is not installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        note = f"ONNX export and ONNX Runtime latency skipped: {err.name} is not installed (pip install 'penni[export]')"
+        ctx.log(note)
+        return note
+    from penni.inference import time_onnx_runtime
+
+    x1 = example_batch(splits, batch_size=1)
+    paths = [penni.export_onnx(models[label].cpu(), x1, ctx.out_dir / f"{label}.onnx")
+             for label in ("baseline", "compressed")]
+    for bs in ctx.cfg.evaluate.latency_batch_sizes:
+        x = example_batch(splits, batch_size=bs)
+        timings = time_onnx_runtime(paths, x, repeats)
+        for label, ms in zip(("baseline", "compressed"), timings):
+            results[label][f"ort_latency_ms_bs{bs}"] = ms
+    return None
 
 
 def _third_layer(model: nn.Module) -> str | None:
@@ -316,14 +352,21 @@ def summary_markdown(summary: dict, models: dict) -> str:
              f"-{summary['sparse_macs_reduction_pct']:.1f}%"),
             ("MACs, dense-executable", f"{b['dense_macs']:,}", f"{c['dense_macs']:,}",
              f"-{summary['dense_macs_reduction_pct']:.1f}%")]
-    for key in sorted(k for k in b if k.startswith("latency_ms_bs")):
+    for key in sorted((k for k in b if k.startswith("latency_ms_bs")), key=lambda k: int(k.removeprefix("latency_ms_bs"))):
         bs = key.removeprefix("latency_ms_bs")
         mode = c.get(f"latency_mode_bs{bs}", "")
-        rows.append((f"latency ms, batch {bs}", f"{b[key]:.2f}", f"{c[key]:.2f} ({mode})" if mode else f"{c[key]:.2f}",
+        rows.append((f"PyTorch latency ms, batch {bs}", f"{b[key]:.2f}",
+                     f"{c[key]:.2f} ({mode})" if mode else f"{c[key]:.2f}",
                      f"{summary[f'latency_speedup_bs{bs}']:.2f}x"))
+        ort = f"ort_latency_ms_bs{bs}"
+        if ort in b and ort in c:
+            rows.append((f"ONNX Runtime latency ms, batch {bs}", f"{b[ort]:.2f}", f"{c[ort]:.2f}",
+                         f"{summary[f'ort_latency_speedup_bs{bs}']:.2f}x"))
     lines = ["| metric | baseline | compressed | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b_} | {c_} | {d} |" for a, b_, c_, d in rows]
-    return "\n".join(lines) + f"\n\nMeasured on: {summary.get('device', '?')}\n"
+    threads = f", {summary['torch_threads']} threads" if "torch_threads" in summary else ""
+    text = "\n".join(lines) + f"\n\nMeasured on: {summary.get('device', '?')}{threads}\n"
+    return text + (f"\n{summary['onnx_note']}\n" if summary.get("onnx_note") else "")
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict]] = {
