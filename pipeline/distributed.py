@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -83,24 +83,23 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def first_good_checkpoint(stage: str, candidates, rank: int) -> Path | None:
-    """The first of ``candidates`` (newest first; directories or callables opening one) that passes
-    ``checkpoint_problem``; rank 0 prints one warning line per checkpoint it discards."""
+def first_good_checkpoint(stage: str, candidates: list[tuple[str, Callable[[], Path]]], rank: int) -> Path | None:
+    """The local directory of the first of ``candidates`` (``(where it is stored, open it)``, newest first)
+    that passes ``checkpoint_problem``; rank 0 prints one warning line per checkpoint it discards."""
     discarded: list[tuple[str, str]] = []
     chosen = None
-    for candidate in candidates:
-        directory = candidate() if callable(candidate) else candidate
+    for where, open_directory in candidates:
+        directory = Path(open_directory())
         problem = checkpoint_problem(directory)
         if problem is None:
-            chosen = Path(directory)
+            chosen = (where, directory)
             break
-        discarded.append((str(directory), problem))
+        discarded.append((where, problem))
     if rank == 0:
-        fallback = f"checkpoint {chosen}" if chosen is not None else "the stage input"
-        for directory, problem in discarded:
-            print(f"[{stage}] warning: discarding checkpoint {directory}: {problem}; resuming from {fallback}",
-                  flush=True)
-    return chosen
+        fallback = f"checkpoint {chosen[0]}" if chosen is not None else "the stage input"
+        for where, problem in discarded:
+            print(f"[{stage}] warning: discarding checkpoint {where}: {problem}; resuming from {fallback}", flush=True)
+    return chosen[1] if chosen is not None else None
 
 
 class LocalWorld:
@@ -119,7 +118,8 @@ class LocalWorld:
     def latest_checkpoint(self) -> Path | None:
         """``latest``, else ``previous`` (the one before it), whichever first passes its checksums."""
         candidates = [self.checkpoint_dir / name for name in ("latest", "previous")]
-        return first_good_checkpoint(self.stage, [c for c in candidates if c.is_dir()], self.rank)
+        return first_good_checkpoint(self.stage, [(str(c), lambda c=c: c) for c in candidates if c.is_dir()],
+                                     self.rank)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         """Commit ``checkpoint_dir`` as ``latest``, keeping the one before as ``previous``."""
@@ -163,8 +163,9 @@ class RayWorld:
         if checkpoint is None:
             return None
         candidates = [checkpoint, *self._older_checkpoints(checkpoint)]
-        opener = lambda c: (lambda: Path(self._opened.enter_context(c.as_directory())))  # noqa: E731
-        return first_good_checkpoint(self.stage, [opener(c) for c in candidates], self.rank)
+        return first_good_checkpoint(
+            self.stage, [(c.path, lambda c=c: self._opened.enter_context(c.as_directory())) for c in candidates],
+            self.rank)
 
     def _older_checkpoints(self, latest) -> list:
         """The other ``checkpoint_*`` directories beside ``latest`` that are older (names are timestamps)."""
