@@ -4,6 +4,9 @@
 Element-wise rules (``std``, ``sparsity``) give the paper's sparse MACs, which no dense kernel
 skips. The ``channels`` rule removes whole coupled channel groups (``penni.channel_graph``), so
 ``shrink`` really narrows the network and the dense-executable MACs fall by the requested fraction.
+Depthwise convs lose the channels their input loses; a grouped conv's channels go in matched
+sets (local position ``j`` of every group at once), the only removal ``shrink`` realizes exactly
+without dropping whole groups.
 """
 from __future__ import annotations
 
@@ -175,11 +178,6 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and groups == getattr(module, "in_channels", -1)
-
-
 def _layer_costs(model: nn.Module, graph: ChannelGraph, cost: str, example_inputs) -> tuple[dict[str, _LayerCost], float]:
     """Per sliceable layer: its cost split into the parts that scale with out x in and with out."""
     measured = profile(model, example_inputs)
@@ -201,7 +199,7 @@ def _layer_costs(model: nn.Module, graph: ChannelGraph, cost: str, example_input
         else:
             main = float(module.coefficients.numel() if isinstance(module, PenniConv2d) else module.weight.numel())
             bias = float(module.bias.numel()) if getattr(module, "bias", None) is not None else 0.0
-        if _is_depthwise(module):
+        if name in graph.depthwise:  # one filter per channel: its cost follows the kept channels
             layers[name] = _LayerCost(0.0, main + bias, out, inp)
         else:
             layers[name] = _LayerCost(main, bias, out, inp)
@@ -215,14 +213,23 @@ def _normalised(values: torch.Tensor) -> torch.Tensor:
     return values / values.mean().clamp_min(1e-12)
 
 
-def _group_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[int, float]:
+def _column_norms(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """L2 norm of the weights reading each input position; a grouped conv's input ``p`` is read by
+    the rows of group ``p // (in/groups)`` at column ``p % (in/groups)``."""
+    out, per_in = weight.shape[0], weight.shape[1]
+    return torch.linalg.vector_norm(weight.reshape(groups, out // groups, per_in, -1), dim=(1, 3)).flatten()
+
+
+def _group_scores(model: nn.Module, groups: list[ChannelGroup], depthwise: dict[str, int]) -> dict[int, float]:
     """Importance of each group: producer rows x BatchNorm |gamma| x consumer columns.
 
     Each factor is the mean, over the group's members of that kind, of a magnitude normalised
     by its layer's mean: the L2 norm of the producer's output row of the dense kernel
-    (PenniConv2d: coefficients @ basis), the BatchNorm |gamma|, and the L2 norm of the
-    consumers' input columns. A factor with no member counts as 1. A product, so a channel
-    dead in any of these ways scores 0 and goes first.
+    (PenniConv2d: coefficients @ basis; depthwise rows that filter the channel count as
+    producers), the BatchNorm |gamma|, and the L2 norm of the consumers' input columns (grouped
+    convs: within the position's group; a depthwise consumer is already counted as a producer).
+    A factor with no member counts as 1. A product, so a channel dead in any of these ways
+    scores 0 and goes first.
     """
     rows: dict[str, torch.Tensor] = {}
     cols: dict[str, torch.Tensor] = {}
@@ -236,8 +243,8 @@ def _group_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[int, flo
 
     def col_norms(name: str) -> torch.Tensor:
         if name not in cols:
-            w = _dense_weight(model.get_submodule(name))
-            cols[name] = _normalised(torch.linalg.vector_norm(w.transpose(0, 1).reshape(w.shape[1], -1), dim=1))
+            module = model.get_submodule(name)
+            cols[name] = _normalised(_column_norms(_dense_weight(module), getattr(module, "groups", 1)))
         return cols[name]
 
     def gamma(name: str) -> torch.Tensor | None:
@@ -248,9 +255,9 @@ def _group_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[int, flo
 
     scores = {}
     for g in groups:
-        producers = [row_norms(p.module)[p.index] for p in g.producers if p.kind == "weights"]
+        producers = [row_norms(p.module)[p.index] for p in g.producers if p.kind in ("weights", "depthwise")]
         norms = [gm[c] for name, c in g.norms if (gm := gamma(name)) is not None]
-        consumers = [col_norms(u.module)[list(u.positions)].mean() for u in g.consumers]
+        consumers = [col_norms(u.module)[list(u.positions)].mean() for u in g.consumers if u.module not in depthwise]
         score = 1.0
         for factor in (producers, norms, consumers):
             if factor:
@@ -260,18 +267,73 @@ def _group_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[int, flo
 
 
 def _prunable_groups(graph: ChannelGraph, exclude: set[str]) -> list[ChannelGroup]:
-    """Groups whose channels can be zeroed: free, made by weights (or zero rules), no excluded layer."""
+    """Groups whose channels can be zeroed: free, made by weights (with zero rules and depthwise
+    filters), no excluded layer."""
     found = []
     for g in graph.groups.values():
         if g.frozen or not g.producers:
             continue
-        if any(p.kind not in ("weights", "zero") for p in g.producers) or all(p.kind == "zero" for p in g.producers):
+        kinds = {p.kind for p in g.producers}
+        if not kinds <= {"weights", "zero", "depthwise"} or "weights" not in kinds:
             continue
         touched = {p.module for p in g.producers} | {u.module for u in g.consumers} | {n for n, _ in g.norms}
         if touched & exclude:
             continue
         found.append(g)
     return found
+
+
+def _grouped_axes(graph: ChannelGraph) -> list[tuple[str, str, int, list[int]]]:
+    """``(conv, axis, groups, group ids)`` of every axis of a grouped conv that is not depthwise."""
+    return [(name, axis, n, gids) for name, n in graph.conv_groups.items()
+            if name not in graph.depthwise and name in graph.slots
+            for axis, gids in graph.slots[name].items()]
+
+
+def _matched_units(graph: ChannelGraph, groups: list[ChannelGroup]) -> list[list[ChannelGroup]]:
+    """The prunable groups joined into the sets that are removed together.
+
+    A grouped conv's channels at local position ``j`` of every group form one set (transitively,
+    union-find), so each of its groups loses as many channels as the others: the only partial
+    removal ``shrink`` realizes. A set is left out (never pruned) when a member may not go or
+    when it would still leave some grouped conv with unequal per-group widths.
+    """
+    parent = {gid: gid for gid in graph.groups}
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    occurrences: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for name, axis, n, gids in _grouped_axes(graph):
+        per = len(gids) // n
+        for i, gid in enumerate(gids):
+            occurrences[gid].append((name, axis, i // per))
+        for j in range(per):
+            first = find(gids[j])
+            for k in range(1, n):
+                other = find(gids[k * per + j])
+                if other != first:
+                    parent[max(first, other)] = min(first, other)
+                    first = min(first, other)
+    sets: dict[int, list[int]] = defaultdict(list)
+    for gid in graph.groups:
+        sets[find(gid)].append(gid)
+    prunable = {g.id: g for g in groups}
+    return [[prunable[m] for m in members] for members in sets.values()
+            if all(m in prunable for m in members) and _balanced(members, occurrences, graph.conv_groups)]
+
+
+def _balanced(members: list[int], occurrences: dict, conv_groups: dict[str, int]) -> bool:
+    """Removing ``members`` takes the same number of channels from every group of each grouped conv axis."""
+    counts: dict[tuple[str, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for m in members:
+        for name, axis, k in occurrences.get(m, ()):
+            counts[(name, axis)][k] += 1
+    return all(len(per_group) == conv_groups[name] and len(set(per_group.values())) == 1
+               for (name, _), per_group in counts.items())
 
 
 def _footprints(graph: ChannelGraph) -> dict[int, list[tuple[str, str, int]]]:
@@ -284,17 +346,28 @@ def _footprints(graph: ChannelGraph) -> dict[int, list[tuple[str, str, int]]]:
     return {gid: [(name, axis, n) for (name, axis), n in c.items()] for gid, c in counts.items()}
 
 
-def _select_groups(groups: list[ChannelGroup], scores: dict[int, float], layers: dict[str, _LayerCost],
-                   footprints: dict, total: float, target: float, slack: float) -> tuple[list, float]:
-    """Least important groups first, until the cost falls by ``target`` (skipping a group that would
-    overshoot by more than ``slack`` or leave a layer without channels); returns them and the cost."""
+def _unit_footprint(unit: list[ChannelGroup], footprints: dict) -> list[tuple[str, str, int]]:
+    """``(layer, axis, positions)`` a set of groups occupies together."""
+    merged: dict[tuple[str, str], int] = defaultdict(int)
+    for g in unit:
+        for name, axis, n in footprints.get(g.id, ()):
+            merged[(name, axis)] += n
+    return [(name, axis, n) for (name, axis), n in merged.items()]
+
+
+def _select_units(units: list[list[ChannelGroup]], scores: dict[int, float], layers: dict[str, _LayerCost],
+                  footprints: dict, total: float, target: float, slack: float) -> tuple[list, float]:
+    """Least important sets first (mean score of their groups), until the cost falls by ``target``
+    (skipping a set that would overshoot by more than ``slack`` or leave a layer without
+    channels); returns the chosen groups and the cost."""
     cost = total
     goal = total * (1.0 - target)
     chosen = []
-    for g in sorted(groups, key=lambda g: (scores[g.id], g.id)):
+    ranked = sorted(units, key=lambda u: (sum(scores[g.id] for g in u) / len(u), min(g.id for g in u)))
+    for unit in ranked:
         if cost <= goal:
             break
-        affected = [(layers[n], axis, k) for n, axis, k in footprints.get(g.id, ()) if n in layers]
+        affected = [(layers[n], axis, k) for n, axis, k in _unit_footprint(unit, footprints) if n in layers]
         if any((lc.kept_out if axis == "out" else lc.kept_in) - k < 1 for lc, axis, k in affected):
             continue  # every conv, linear and norm layer keeps a channel on each axis
         before = sum(lc.value() for lc in {id(lc): lc for lc, _, _ in affected}.values())
@@ -304,7 +377,7 @@ def _select_groups(groups: list[ChannelGroup], scores: dict[int, float], layers:
             _shift(affected, +1)
             continue
         cost += after - before
-        chosen.append(g)
+        chosen.extend(unit)
     return chosen, cost
 
 
@@ -316,12 +389,26 @@ def _shift(affected: list, sign: int) -> None:
             lc.kept_in += sign * k
 
 
-def _zero_masks(model: nn.Module, chosen: list[ChannelGroup]) -> None:
+def _zero_columns(mask: torch.Tensor, positions: tuple[int, ...], groups: int) -> None:
+    """Zero the weights reading input ``positions`` (grouped conv: only the rows of each position's group)."""
+    if groups == 1:
+        mask[:, list(positions)] = 0
+        return
+    per_in, per_out = mask.shape[1], mask.shape[0] // groups
+    for p in positions:
+        k = p // per_in
+        mask[k * per_out:(k + 1) * per_out, p % per_in] = 0
+
+
+def _zero_masks(model: nn.Module, chosen: list[ChannelGroup], depthwise: dict[str, int]) -> None:
     """Hold at zero everything that writes or reads the chosen channels.
 
-    Producers: the output row and bias (PenniConv2d coefficients, Conv2d/Linear weight);
-    BatchNorm: weight and bias, so the channel is exactly 0 in train and eval mode; consumers:
-    the input columns. ``shrink`` then finds the channel unused and removes it exactly.
+    Producers: the output row and bias (PenniConv2d coefficients, Conv2d/Linear weight), the
+    rows of depthwise convs that filter the channel included (a non-zero constant would not
+    pass their zero padding exactly, and shrink would keep the channel); BatchNorm: weight and
+    bias, so the channel is exactly 0 in train and eval mode; consumers: the input columns
+    (grouped convs: within the position's group). ``shrink`` then finds the channel unused and
+    removes it exactly.
     """
     masks: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -336,7 +423,7 @@ def _zero_masks(model: nn.Module, chosen: list[ChannelGroup]) -> None:
 
     for g in chosen:
         for p in g.producers:
-            if p.kind != "weights":
+            if p.kind not in ("weights", "depthwise"):
                 continue
             mask(p.module, main_tensor(p.module))[p.index] = 0
             if getattr(model.get_submodule(p.module), "bias", None) is not None:
@@ -347,7 +434,10 @@ def _zero_masks(model: nn.Module, chosen: list[ChannelGroup]) -> None:
                 if getattr(norm, tensor_name, None) is not None:
                     mask(name, tensor_name)[c] = 0
         for use in g.consumers:
-            mask(use.module, main_tensor(use.module))[:, list(use.positions)] = 0
+            if use.module in depthwise:
+                continue  # its rows for the channel are producers of the group, zeroed above
+            groups = getattr(model.get_submodule(use.module), "groups", 1)
+            _zero_columns(mask(use.module, main_tensor(use.module)), use.positions, groups)
     for (name, tensor_name), m in masks.items():
         hold_mask(model.get_submodule(name), tensor_name, m)
     for module in model.modules():  # a baked dense kernel must see the new zeros
@@ -373,7 +463,11 @@ def prune_channels(
     starting from ``penni.profile``'s per-layer dense MACs (``cost="dense_macs"``) or the
     parameter counts (``cost="params"``; bases that ``shrink`` drops as well are not counted).
     Every layer keeps at least one channel per axis; a group whose removal would overshoot the
-    target by more than ``slack`` is skipped for a cheaper one. Apply ``prune(rule="std")``
+    target by more than ``slack`` is skipped for a cheaper one. A depthwise conv loses the
+    channels of its input group (its rows are zeroed with them); a grouped conv's channels go in
+    matched sets, local position ``j`` of every group at once (see :func:`_matched_units`), so
+    each group keeps the same width and ``shrink`` removes exactly what the cost model counts;
+    sets that cannot be balanced are left alone. Apply ``prune(rule="std")``
     afterwards for element-wise sparsity on the surviving channels.
     """
     if target is None or not 0.0 < target < 1.0:
@@ -384,13 +478,14 @@ def prune_channels(
     view = bake_masks(copy.deepcopy(model)).eval()  # effective weights, no BatchNorm update
     graph = channel_graph(view, inputs)
     layers, total = _layer_costs(view, graph, cost, inputs)
-    groups = _prunable_groups(graph, set(exclude))
-    if not groups:
+    units = _matched_units(graph, _prunable_groups(graph, set(exclude)))
+    if not units:
         raise ValueError("prune found no channel it may remove: every channel group is frozen "
                          "(see penni.channel_graph(model, x).describe())")
-    scores = _group_scores(view, groups)
-    chosen, after = _select_groups(groups, scores, layers, _footprints(graph), total, target, slack)
-    _zero_masks(model, chosen)
+    groups = [g for unit in units for g in unit]
+    scores = _group_scores(view, groups, graph.depthwise)
+    chosen, after = _select_units(units, scores, layers, _footprints(graph), total, target, slack)
+    _zero_masks(model, chosen, graph.depthwise)
     report = ChannelPruneReport(cost, target, total, after, len(graph.groups), len(groups), len(chosen))
     for name, lc in layers.items():
         if graph.kinds.get(name) in ("conv", "linear"):

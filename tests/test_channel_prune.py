@@ -118,6 +118,131 @@ def test_least_important_channels_go_first():
     assert report.groups_removed == 2
 
 
+# ----------------------------------------------------------------------------- depthwise and grouped convs
+
+def torchvision_penni(arch: str) -> nn.Module:
+    """A torchvision model with 10 classes, random BN statistics, decomposed with d=5 (mobilenet_v2:
+    the stem; resnext50: every grouped 3x3 becomes a grouped PenniConv2d)."""
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{arch}", num_classes=10, in_channels=3)
+    randomize_batchnorm(model, 1, mean_scale=0.2, bias_scale=0.3)
+    return penni.decompose(model, d=5).eval()
+
+
+def grouped_convs(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, PenniConv2d)) and m.groups > 1}
+
+
+def test_channels_reach_dense_mac_target_on_mobilenet_v2_through_depthwise_convs():
+    model = torchvision_penni("mobilenet_v2")
+    x = torch.randn(2, 3, 64, 64)
+    report = penni.prune_channels(model, 0.5, x)
+    small, reduction, change = shrunk_and_measured(model, x)
+    assert abs(reduction - 0.5) <= TOLERANCE, reduction
+    assert reduction == pytest.approx(report.reduction, abs=1e-9)  # depthwise cost follows its channels
+    assert change <= 1e-5
+    depthwise_before, depthwise_after = grouped_convs(model), grouped_convs(small)
+    assert set(depthwise_before) == set(depthwise_after) and len(depthwise_before) == 17
+    narrower = [n for n, m in depthwise_after.items() if m.out_channels < depthwise_before[n].out_channels]
+    assert len(narrower) >= 12, narrower
+    assert all(m.groups == m.in_channels == m.out_channels for m in depthwise_after.values())
+    # the expand conv's channels (made by a 1x1, filtered by a depthwise conv) are pruned, and the
+    # depthwise rows of a removed channel are held at zero with it
+    expand, dw = "features.5.conv.0.0", "features.5.conv.1.0"
+    dead = (get_mask(model.get_submodule(expand), "weight").flatten(1) == 0).all(1)
+    assert 0 < int(dead.sum()) < 192
+    dw_dead = (get_mask(model.get_submodule(dw), "weight").flatten(1) == 0).all(1)
+    assert torch.equal(dead, dw_dead)
+    assert small.get_submodule(dw).out_channels == 192 - int(dead.sum())
+
+
+def test_channels_reach_dense_mac_target_on_resnext50_in_matched_sets():
+    model = torchvision_penni("resnext50_32x4d")
+    x = torch.randn(1, 3, 32, 32)  # small: the costs scale alike at every input size
+    report = penni.prune(model, rule="channels", target=0.4, example_inputs=x)
+    small, reduction, change = shrunk_and_measured(model, x)
+    assert abs(reduction - 0.4) <= TOLERANCE, reduction
+    assert change <= 1e-5
+    before, after = grouped_convs(model), grouped_convs(small)
+    assert set(before) == set(after) and len(before) == 16
+    assert all(m.groups == 32 for m in after.values())  # channels go from every group alike
+    assert any(after[n].in_channels < m.in_channels for n, m in before.items())
+    assert any(after[n].out_channels < m.out_channels for n, m in before.items())
+    assert sum(report.values()) > 0
+
+
+class GroupedNet(nn.Module):
+    """1x1 -> grouped 3x3 (4 groups of 3 in, 2 out) -> 1x1 -> depthwise (multiplier 2) -> 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(12)
+        self.g = nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False)
+        self.bn_g = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        y = torch.relu(self.bn_g(self.g(y)))
+        y = torch.relu(self.bn_b(self.b(y)))
+        return self.head(self.dw(y))
+
+
+class UnmatchableNet(nn.Module):
+    """One tensor read by a 4-group and a 3-group conv: no set of its channels short of all of them
+    takes the same number from every group of both, so the pruner must leave them alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(24)
+        self.g4 = nn.Conv2d(24, 64, 3, padding=1, groups=4, bias=False)
+        self.g3 = nn.Conv2d(24, 60, 3, padding=1, groups=3, bias=False)
+        self.bn = nn.BatchNorm2d(124)
+        self.head = nn.Conv2d(124, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        return self.head(torch.relu(self.bn(torch.cat([self.g4(y), self.g3(y)], 1))))
+
+
+def _small_net(cls: type) -> nn.Module:
+    torch.manual_seed(0)
+    net = cls()
+    randomize_batchnorm(net, 1, mean_scale=0.2, bias_scale=0.3)
+    return net.eval()
+
+
+def test_small_grouped_net_prunes_matched_sets_exactly():
+    net = _small_net(GroupedNet)
+    x = torch.randn(2, 3, 8, 8)
+    report = penni.prune_channels(net, 0.4, x)  # the old pruner raised IndexError on g's input columns
+    small, reduction, change = shrunk_and_measured(net, x)
+    assert abs(reduction - 0.4) <= TOLERANCE, reduction
+    assert reduction == pytest.approx(report.reduction, abs=1e-9)
+    assert change <= 1e-6
+    assert small.g.groups == 4 and small.g.in_channels < 12 and small.dw.groups == small.dw.in_channels
+    dead_a = (get_mask(net.bn_a, "weight") == 0).reshape(4, 3)  # a's channels feed g's 4 groups of 3
+    assert bool((dead_a == dead_a[0]).all())                     # the same local positions in every group
+
+
+def test_unmatchable_grouped_channels_are_left_alone_and_the_target_still_met():
+    net = _small_net(UnmatchableNet)
+    x = torch.randn(2, 3, 8, 8)
+    report = penni.prune_channels(net, 0.3, x)
+    small, reduction, change = shrunk_and_measured(net, x)
+    assert report.widths["a"] == (24, 24) and small.a.out_channels == 24
+    assert (small.g4.groups, small.g3.groups) == (4, 3)
+    assert small.g4.out_channels < 64 and small.g3.out_channels < 60  # their own outputs go in matched sets
+    assert abs(reduction - 0.3) <= TOLERANCE, reduction
+    assert reduction == pytest.approx(report.reduction, abs=1e-9)
+    assert change <= 1e-6
+
+
 # ----------------------------------------------------------------------------- masks
 
 def test_masks_hold_through_sgd_and_survive_save_load(tmp_path):
