@@ -41,7 +41,8 @@ def _command(storage: Path) -> list[str]:
 
 
 def _env() -> dict:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "PYTHONUNBUFFERED": "1"}  # what a killed driver printed is in its log
     env.pop("RAY_ADDRESS", None)
     return env
 
