@@ -147,9 +147,15 @@ def _run_to_end(storage: Path, log: Path) -> str:
     return log.read_text()
 
 
+def _timed(key: str) -> bool:
+    """A value measured with a clock (latencies, speedups, per-layer timings) or chosen by one (the
+    inference plan keeps whichever form was fastest): it differs between any two runs."""
+    return "latency" in key or key.endswith("_ms") or key == "inference_plans"
+
+
 def _without_latency(obj):
     if isinstance(obj, dict):
-        return {k: _without_latency(v) for k, v in obj.items() if "latency" not in k}
+        return {k: _without_latency(v) for k, v in obj.items() if not _timed(k)}
     return obj
 
 
