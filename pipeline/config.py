@@ -288,7 +288,7 @@ class RetrainConfig(TrainConfig):
     epochs: int = field(default=5, metadata=_check(_ge(0)))
     lr: float = field(default=0.02, metadata=_check(_finite, _gt(0)))
     l1: float = field(default=3e-3, metadata=_check(_finite, _ge(0)))
-    group_l1: float = field(default=0.0, metadata=_check(_finite, _ge(0)))
+    group_l1: float = field(default=2e-2, metadata=_check(_finite, _ge(0)))
     alternate_every: int = field(default=1, metadata=_check(_ge(1)))
     start_with: Literal["coefficients", "basis", "joint"] = "coefficients"
     include_pointwise: bool = False
@@ -296,10 +296,10 @@ class RetrainConfig(TrainConfig):
 
 @dataclass
 class PruneConfig:
-    rule: Literal["std", "sparsity", "channels", "channels+std", "channels+sparsity"] = "std"
+    rule: Literal["std", "sparsity", "channels", "channels+std", "channels+sparsity"] = "channels+std"
     s: float = field(default=1.25, metadata=_check(_finite, _gt(0)))
     target: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
-    target_dense_macs_reduction: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
+    target_dense_macs_reduction: Optional[float] = field(default=0.6, metadata=_check(_open(0, 1)))
     include_pointwise: bool = False
 
     def _cross_check(self, prefix: str) -> list[str]:
