@@ -299,7 +299,7 @@ class PruneConfig:
     rule: Literal["std", "sparsity", "channels", "channels+std", "channels+sparsity"] = "channels+std"
     s: float = field(default=1.25, metadata=_check(_finite, _gt(0)))
     target: Optional[float] = field(default=None, metadata=_check(_open(0, 1)))
-    target_dense_macs_reduction: Optional[float] = field(default=0.6, metadata=_check(_open(0, 1)))
+    target_dense_macs_reduction: Optional[float] = field(default=0.7, metadata=_check(_open(0, 1)))
     include_pointwise: bool = False
 
     def _cross_check(self, prefix: str) -> list[str]:
@@ -343,7 +343,7 @@ class PipelineConfig:
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=0.02))
     shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 

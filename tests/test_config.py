@@ -54,7 +54,7 @@ def test_defaults_equal_quickstart():
     assert load_config(None) == load_config("quickstart")
     cfg = PipelineConfig()
     assert cfg.model.arch == "fashion_cnn"
-    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (5, 5, 5)
+    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (5, 5, 8)
     assert isinstance(cfg.finetune, TrainConfig)
 
 
