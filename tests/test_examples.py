@@ -38,10 +38,4 @@ def test_train_step_benchmark_runs():
         assert f"| {variant} |" in out
     assert "| dense |" in out and "1.000x" in out
 
-
-def test_inference_latency_benchmark_runs():
-    out = run_script("benchmarks/inference_latency.py", "--device", "cpu", "--model", "fashion_cnn",
-                     "--image-size", "28", "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "1")
-    assert "| batch |" in out and "baseline ms" in out and "shrunk-factorized ms" in out
-    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2
+# benchmarks/inference_latency.py is run end to end by tests/test_benchmarks.py (--quick).
