@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from penni.conv import PenniConv2d
+
 
 def randomize_batchnorm(model: nn.Module, seed: int = 1, mean_scale: float = 0.1, bias_scale: float = 0.1) -> None:
     """Non-trivial BN statistics and affine parameters, so eval-mode outputs (and the constants a
@@ -16,3 +18,43 @@ def randomize_batchnorm(model: nn.Module, seed: int = 1, mean_scale: float = 0.1
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * bias_scale)
+
+
+def weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor holding a layer's kernels: coefficients of a PenniConv2d, else the weight."""
+    m = model.get_submodule(name)
+    return m.coefficients if isinstance(m, PenniConv2d) else m.weight
+
+
+def kill_out(model: nn.Module, name: str, channels) -> None:
+    """All weights writing output ``channels`` of a conv/linear become zero."""
+    with torch.no_grad():
+        weight_of(model, name)[list(channels)] = 0
+
+
+def kill_in(model: nn.Module, name: str, channels) -> None:
+    """All weights reading input ``channels`` of a (groups=1) conv or a Linear become zero."""
+    with torch.no_grad():
+        weight_of(model, name)[:, list(channels)] = 0
+
+
+class GroupedNet(nn.Module):
+    """1x1 -> grouped 3x3 (4 groups of 3 in, 2 out) -> BN -> ReLU -> 1x1, then a depthwise conv with
+    channel multiplier 2 -> 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1, bias=False)
+        self.bn_a = nn.BatchNorm2d(12)
+        self.g = nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False)
+        self.bn_g = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        y = torch.relu(self.bn_g(self.g(y)))
+        y = torch.relu(self.bn_b(self.b(y)))
+        return self.head(self.dw(y))

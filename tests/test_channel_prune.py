@@ -15,7 +15,7 @@ import penni
 from penni.conv import PenniConv2d
 from penni.masking import get_mask
 from penni.models import build_model
-from tests.helpers import randomize_batchnorm
+from tests.helpers import GroupedNet, randomize_batchnorm
 
 TOLERANCE = 0.02  # the issue's "within 2%" of the requested reduction
 
@@ -169,27 +169,6 @@ def test_channels_reach_dense_mac_target_on_resnext50_in_matched_sets():
     assert any(after[n].in_channels < m.in_channels for n, m in before.items())
     assert any(after[n].out_channels < m.out_channels for n, m in before.items())
     assert sum(report.values()) > 0
-
-
-class GroupedNet(nn.Module):
-    """1x1 -> grouped 3x3 (4 groups of 3 in, 2 out) -> 1x1 -> depthwise (multiplier 2) -> 1x1 head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 12, 1, bias=False)
-        self.bn_a = nn.BatchNorm2d(12)
-        self.g = nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False)
-        self.bn_g = nn.BatchNorm2d(8)
-        self.b = nn.Conv2d(8, 6, 1, bias=False)
-        self.bn_b = nn.BatchNorm2d(6)
-        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)
-        self.head = nn.Conv2d(12, 4, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.bn_a(self.a(x)))
-        y = torch.relu(self.bn_g(self.g(y)))
-        y = torch.relu(self.bn_b(self.b(y)))
-        return self.head(self.dw(y))
 
 
 class UnmatchableNet(nn.Module):

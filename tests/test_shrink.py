@@ -14,6 +14,7 @@ from penni.dependency import channel_graph
 from penni.models import build_model
 from penni.shrink import shrink
 from penni.slicing import slice_in, slice_out
+from tests.helpers import kill_in, kill_out
 from tests.helpers import randomize_batchnorm as _randomize
 
 
@@ -31,23 +32,6 @@ def sparsify(model: nn.Module, fraction: float = 0.9, seed: int = 2) -> None:
         for layer in penni.penni_layers(model).values():
             keep = torch.rand(layer.coefficients.shape, generator=g) >= fraction
             layer.coefficients.mul_(keep)
-
-
-def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    m = model.get_submodule(name)
-    return m.coefficients if isinstance(m, PenniConv2d) else m.weight
-
-
-def kill_out(model: nn.Module, name: str, channels) -> None:
-    """All weights writing output ``channels`` of a conv/linear become zero."""
-    with torch.no_grad():
-        _weight(model, name)[list(channels)] = 0
-
-
-def kill_in(model: nn.Module, name: str, channels) -> None:
-    """All weights reading input ``channels`` (Linear: features) become zero."""
-    with torch.no_grad():
-        _weight(model, name)[:, list(channels)] = 0
 
 
 def bn_constant(model: nn.Module, name: str, channels, value: float, pre: float = 0.0) -> None:

@@ -10,27 +10,10 @@ from penni.conv import PenniConv2d
 from penni.dependency import channel_graph
 from penni.models import build_model
 from penni.shrink import shrink
-from tests.helpers import randomize_batchnorm
+from tests.helpers import GroupedNet, kill_in, kill_out, randomize_batchnorm
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    m = model.get_submodule(name)
-    return m.coefficients if isinstance(m, PenniConv2d) else m.weight
-
-
-def kill_out(model: nn.Module, name: str, channels) -> None:
-    """All weights writing output ``channels`` of a conv become zero."""
-    with torch.no_grad():
-        _weight(model, name)[list(channels)] = 0
-
-
-def kill_in(model: nn.Module, name: str, channels) -> None:
-    """All weights reading input ``channels`` of a (groups=1) conv become zero."""
-    with torch.no_grad():
-        _weight(model, name)[:, list(channels)] = 0
-
 
 def bn_constant(model: nn.Module, name: str, channels, value: float) -> None:
     """BatchNorm maps a dead conv's output (0) to ``value`` on ``channels``; 0: weight and bias zero."""
@@ -199,28 +182,6 @@ def test_round_to_keeps_widths_multiples_and_stays_exact():
 
 
 # ----------------------------------------------------------------------------- small cases
-
-class GroupedNet(nn.Module):
-    """1x1 -> grouped 3x3 (4 groups of 3 in, 2 out) -> BN -> ReLU -> 1x1, then a depthwise conv with
-    channel multiplier 2 -> 1x1 head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 12, 1, bias=False)
-        self.bn_a = nn.BatchNorm2d(12)
-        self.g = nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False)
-        self.bn_g = nn.BatchNorm2d(8)
-        self.b = nn.Conv2d(8, 6, 1, bias=False)
-        self.bn_b = nn.BatchNorm2d(6)
-        self.dw = nn.Conv2d(6, 12, 3, padding=1, groups=6)
-        self.head = nn.Conv2d(12, 4, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.bn_a(self.a(x)))
-        y = torch.relu(self.bn_g(self.g(y)))
-        y = torch.relu(self.bn_b(self.b(y)))
-        return self.head(self.dw(y))
-
 
 def _grouped_net() -> GroupedNet:
     torch.manual_seed(0)
