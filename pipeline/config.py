@@ -74,7 +74,7 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "baseline": ("seed", "model", "data", "baseline", "ray.use_gpu"),
     "decompose": ("decompose",),
     "retrain": ("retrain", "data", "seed"),
-    "prune": ("prune",),
+    "prune": ("prune", "data.image_size"),  # the channel rule costs MACs at the input size
     "finetune": ("finetune", "data", "seed"),
     "shrink": ("shrink",),
     "evaluate": ("evaluate", "data"),
@@ -320,6 +320,7 @@ class PruneConfig:
 @dataclass
 class ShrinkConfig:
     enabled: bool = True
+    round_to: Optional[int] = field(default=None, metadata=_check(_ge(1)))  # kept widths a multiple of this (GPU)
 
 
 @dataclass

@@ -180,7 +180,7 @@ def run_shrink(ctx: StageContext) -> dict:
     x = example_batch(splits, batch_size=8)
     before = penni.profile(model, x)
     if cfg.shrink.enabled:
-        small = penni.shrink(model, x).eval()
+        small = penni.shrink(model, x, round_to=cfg.shrink.round_to).eval()
     else:
         small = penni.bake_masks(model)
     with torch.no_grad():
