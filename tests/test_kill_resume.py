@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -108,42 +109,40 @@ def _has_checkpoint(root: Path, stage: str) -> bool:
     return False
 
 
-def _run_and_kill_during(storage: Path, stage: str, log: Path) -> str:
-    """Start the pipeline; SIGKILL its driver once ``stage`` has a checkpoint but no manifest yet."""
-    root = storage / "tiny"
+def _run_driver(storage: Path, log: Path, stop_when: Callable[[], bool], poll: float) -> subprocess.Popen:
+    """Start the pipeline in its own session; return once it exits or ``stop_when()`` holds (600 s at most),
+    with the driver still running in the latter case. Its processes are recorded on ``driver.known``."""
     with open(log, "w") as out:
         driver = subprocess.Popen(_command(storage), cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-    known: set[int] = set()
+    driver.known = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None and not stop_when():
+        driver.known |= _descendants(driver.pid)
+        time.sleep(poll)
+    driver.known |= _descendants(driver.pid) if driver.poll() is None else set()
+    return driver
+
+
+def _run_and_kill_during(storage: Path, stage: str, log: Path) -> str:
+    """Start the pipeline; SIGKILL its driver once ``stage`` has a checkpoint but no manifest yet."""
+    root = storage / "tiny"
+    driver = _run_driver(storage, log, lambda: _has_checkpoint(root, stage), poll=0.05)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and driver.poll() is None:
-            known |= _descendants(driver.pid)
-            if _has_checkpoint(root, stage):
-                break
-            time.sleep(0.05)
         assert driver.poll() is None, f"the pipeline ended before {stage} checkpointed:\n{log.read_text()[-3000:]}"
-        known |= _descendants(driver.pid)
         os.kill(driver.pid, signal.SIGKILL)
         assert not (root / stage / "manifest.json").exists(), f"killed too late: {stage} had already finished"
     finally:
-        _kill_tree(driver, known)
+        _kill_tree(driver, driver.known)
     return log.read_text()
 
 
 def _run_to_end(storage: Path, log: Path) -> str:
-    with open(log, "w") as out:
-        driver = subprocess.Popen(_command(storage), cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    known: set[int] = set()
+    driver = _run_driver(storage, log, lambda: False, poll=0.5)
     try:
-        deadline = time.monotonic() + 600
-        while driver.poll() is None and time.monotonic() < deadline:
-            known |= _descendants(driver.pid)
-            time.sleep(0.5)
         assert driver.poll() == 0, log.read_text()[-3000:]
     finally:
-        _kill_tree(driver, known)
+        _kill_tree(driver, driver.known)
     return log.read_text()
 
 
