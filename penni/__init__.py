@@ -29,6 +29,7 @@ from .profile import Profile, compare, macs_reduction, profile
 from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
 from .factories import get_factory, register_factory, registered_factories
 from .shrink import ShrinkReport, shrink
+from .unwrap import unwrap_model
 
 __all__ += [
     "shrink", "ShrinkReport", "channel_graph", "register_channel_rule",
@@ -36,4 +37,4 @@ __all__ += [
     "save", "load", "save_state", "load_state", "recipe_json", "read_metadata", "PenniFormatError",
     "optimize_for_inference", "InferencePlan", "to_torch", "export_onnx",
 ]
-__all__ += ["register_factory", "get_factory", "registered_factories"]
+__all__ += ["register_factory", "get_factory", "registered_factories", "unwrap_model"]

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 from .conv import PenniConv2d
 from .regularization import is_pointwise
+from .unwrap import unwrap_model
 
 KINDS: tuple[str, ...] = ("penni", "conv", "pointwise", "linear")
 CONV_KINDS: tuple[str, ...] = ("penni", "conv", "pointwise")  # the paper's tables: convolutions only
@@ -245,7 +246,7 @@ def profile(model: nn.Module, example_inputs: Any, batch_size: int | None = None
     touched) and the training flags are restored. DDP/DataParallel/``torch.compile`` wrappers are
     unwrapped. PenniConv2d forward modes are left as they are.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     args, kwargs = _as_call(example_inputs)
     if batch_size is None:
         batch_size = _batch_size(example_inputs)
@@ -394,14 +395,6 @@ def _count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            return model
 
 
 def _as_call(example_inputs: Any) -> tuple[tuple, dict]:

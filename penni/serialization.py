@@ -36,6 +36,7 @@ from .factories import UnknownFactoryError, build_within_budget, get_factory
 from .masking import HeldMask, get_mask, hold_mask, iter_masks
 from .recipe import RECIPE_ATTR, Recipe, check_constructor, check_layer_name, get_recipe
 from .slicing import add_bias, slice_in, slice_out, slice_penni_basis
+from .unwrap import unwrap_model
 
 __all__ = [
     "PenniFormatError", "save", "load", "save_state", "load_state", "recipe_json", "read_metadata",
@@ -68,16 +69,6 @@ class PenniFormatError(ValueError):
 # model <-> tensors
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _join(prefix: str, name: str) -> str:
@@ -230,7 +221,7 @@ def _normalize_constructor(constructor: Any) -> dict[str, Any]:
 
 
 def _recipe_dict(model: nn.Module, constructor: Any = None) -> dict[str, Any]:
-    model = _unwrap(model)
+    model = unwrap_model(model)
     recipe = getattr(model, RECIPE_ATTR, None) or Recipe()
     data = recipe.to_dict()
     if constructor is not None:
@@ -291,7 +282,7 @@ def _call_factory(fn: Callable, kwargs: Mapping[str, Any], name: str, budget: in
                                f"{type(err).__name__}: {str(err)[:300]}") from err
     if not isinstance(model, nn.Module):
         raise PenniFormatError(f"the constructor {name} returned a {type(model).__name__}, not a torch.nn.Module")
-    return _unwrap(model)
+    return unwrap_model(model)
 
 
 def _axis_size(module: nn.Module, axis: str) -> int | None:
@@ -404,7 +395,7 @@ def _build_on_meta(fn: Callable, kwargs: Mapping[str, Any]) -> nn.Module | None:
         return None
     if not isinstance(model, nn.Module):
         return None
-    model = _unwrap(model)
+    model = unwrap_model(model)
     real = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
     if real:
         raise PenniFormatError(f"the constructor put tensors on a real device while building on meta: {real[:3]}")
@@ -508,7 +499,7 @@ def _write(model: nn.Module, path: Any, metadata: Mapping[str, str] | None,
            recipe_text: str | None, verify: bool,
            factories: Mapping[str, Callable[..., nn.Module]] | None = None) -> None:
     user = _check_metadata(metadata)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     tensors = _tensors_for_file(model)
     meta = {**user, FORMAT_KEY: FORMAT_VERSION}
     if recipe_text is not None:
@@ -704,7 +695,7 @@ def load_state(model: nn.Module, path: Any) -> nn.Module:
     """
     path = _open_checked(path)
     _, tensors = _read(path)
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     _load_tensors(inner, tensors, f"the tensors in {path}", adopt_dtypes=False)
     _restore_forward_modes(inner, None)  # keep the model's modes; re-bake "dense" kernels
     return inner
