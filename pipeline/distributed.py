@@ -33,6 +33,7 @@ from torch import nn
 import penni
 from penni.serialization import load, load_state, save
 
+from . import console
 from . import train as T
 from .config import from_dict
 from .data import build_datasets, make_loader
@@ -98,7 +99,7 @@ def first_good_checkpoint(stage: str, candidates: list[tuple[str, Callable[[], P
     if rank == 0:
         fallback = f"checkpoint {chosen[0]}" if chosen is not None else "the stage input"
         for where, problem in discarded:
-            print(f"[{stage}] warning: discarding checkpoint {where}: {problem}; resuming from {fallback}", flush=True)
+            console.report_line(f"[{stage}] warning: discarding checkpoint {where}: {problem}; resuming from {fallback}")
     return chosen[1] if chosen is not None else None
 
 
@@ -302,7 +303,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
         start_epoch, best = state["epoch"] + 1, state["best"]
         history = json.loads((resume_dir / HISTORY_FILE).read_text())
         if world.rank == 0:
-            print(f"[{job.stage}] resuming from epoch {start_epoch} (checkpoint {resume_dir})", flush=True)
+            console.report_line(f"[{job.stage}] resuming from epoch {start_epoch} (checkpoint {resume_dir})")
 
     retraining = job.stage == "retrain"
     schedule = penni.AlternatingSchedule(tcfg.alternate_every, tcfg.start_with) if retraining else None
@@ -369,7 +370,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
                 save(unwrap(model), best_copy, verify=False)
         history.append({**metrics, "phase": phase})
         if world.rank == 0:
-            print(T.format_epoch(job.stage, epoch, tcfg.epochs, {**metrics, "phase": phase}), flush=True)
+            console.report_epoch(job.stage, epoch, tcfg.epochs, {**metrics, "phase": phase})
             if logger is not None:
                 logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
         _checkpoint(world, unwrap(model), optimizer, scheduler, epoch, best, history, metrics, best_copy)
@@ -407,12 +408,13 @@ def _checkpoint(world, model, optimizer, scheduler, epoch, best, history, metric
 
 def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[str, Any],
                  num_workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int,
-                 local_dir: Path) -> tuple[Path, dict]:
+                 local_dir: Path, callbacks: list | None = None) -> tuple[Path, dict]:
     """Run ``job`` and return ``(final checkpoint directory, result)``.
 
     With Ray: a ``TorchTrainer`` whose ``RunConfig(name=run_name, storage_path=...)`` is stable
     for the same inputs, so re-running an interrupted stage resumes from its last checkpoint.
     Without Ray: the same loop in this process, checkpointing under ``local_dir``.
+    ``callbacks``: extra Ray Train callbacks for ``RunConfig(callbacks=...)`` (ignored without Ray).
     """
     if not use_ray:
         world = LocalWorld(local_dir / run_name, use_gpu, job.stage)
@@ -430,7 +432,8 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=list(callbacks or [])),
     )
     try:
         result = trainer.fit()

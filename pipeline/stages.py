@@ -23,6 +23,7 @@ from penni.profile import compare as profile_compare
 from penni.models import build_model, load_weights
 from penni.serialization import PenniFormatError, load, save
 
+from . import console
 from . import train as T
 from .config import PipelineConfig, to_dict
 from .data import build_datasets, example_batch, make_loader
@@ -153,7 +154,7 @@ def run_prune(ctx: StageContext) -> dict:
     if pcfg.rule.startswith("channels"):  # "channels", "channels+std", "channels+sparsity"
         x = example_batch(build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), batch_size=8)
         report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
-        print(report.summary(), flush=True)
+        console.report_line(report.summary())
         _write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
         metrics = {"predicted_dense_macs_reduction": report.reduction, "channel_groups_removed": report.groups_removed}
     element_rule = pcfg.rule.split("+")[-1]
