@@ -42,6 +42,8 @@ __all__ = [
     "BaselineConfig",
     "DecomposeConfig",
     "RetrainConfig",
+    "FinetuneConfig",
+    "SweepConfig",
     "PruneConfig",
     "ShrinkConfig",
     "EvaluateConfig",
@@ -131,6 +133,10 @@ def _open(lo: float, hi: float) -> Check:
     return lambda v: None if lo < v < hi else f"must be in the open interval ({lo}, {hi})"
 
 
+def _closed(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
 def _half_open(lo: float, hi: float) -> Check:
     return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
 
@@ -194,6 +200,10 @@ class DataConfig:
     loader_workers: int = field(default=0, metadata=_check(_ge(0)))
     image_size: int = field(default=28, metadata=_check(_ge(1)))
     synthetic_size: int = field(default=1024, metadata=_check(_ge(1)))
+    loader: Literal["auto", "torch", "ray_data", "device"] = "auto"
+    augment: Literal["auto", "imagenet", "small", "none"] = "auto"
+    hflip: bool = True
+    normalize: Literal["auto", "imagenet", "dataset", "none"] = "auto"
 
     def _cross_check(self, prefix: str) -> list[str]:
         errors = []
@@ -269,6 +279,15 @@ class BaselineConfig(TrainConfig):
 
 
 @dataclass
+class FinetuneConfig(TrainConfig):
+    epochs: int = field(default=8, metadata=_check(_ge(0)))
+    lr: float = field(default=0.02, metadata=_check(_finite, _gt(0)))
+    distill: bool = False  # distil from the retrained (unpruned) model
+    distill_temperature: float = field(default=4.0, metadata=_check(_finite, _gt(0)))
+    distill_weight: float = field(default=0.5, metadata=_check(_closed(0, 1)))  # KL weight; labels get 1-w
+
+
+@dataclass
 class DecomposeConfig:
     d: Union[int, dict[str, int]] = field(default=5, metadata=_check(lambda v: _d_check(v)))
     exclude: list[str] = field(default_factory=list)
@@ -332,6 +351,34 @@ class EvaluateConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Search space and selection of ``workflows/sweep.py``; never part of a stage fingerprint."""
+
+    d: list[int] = field(default_factory=lambda: [3, 5], metadata=_check(_nonempty, _each(_ge(1))))
+    l1: list[float] = field(default_factory=lambda: [1e-5, 1e-3], metadata=_check(_each(_gt(0))))
+    prune_s: Optional[list[float]] = field(default=None, metadata=_check(_nonempty, _each(_gt(0))))
+    channel_target: Optional[list[float]] = field(default=None, metadata=_check(_nonempty, _each(_open(0, 1))))
+    num_samples: int = field(default=4, metadata=_check(_ge(1)))
+    workers_per_trial: int = field(default=1, metadata=_check(_ge(1)))
+    max_concurrent_trials: Optional[int] = field(default=None, metadata=_check(_ge(1)))
+    in_process: bool = False
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = field(default=1, metadata=_check(_ge(1)))
+    objective: Literal["dense_macs", "latency", "sparse_macs"] = "dense_macs"
+    select: Literal["fewest_macs_within", "best_top1_under"] = "fewest_macs_within"
+    max_top1_drop: float = field(default=0.5, metadata=_check(_finite, _ge(0)))
+    max_macs: Optional[float] = field(default=None, metadata=_check(_finite, _gt(0)))
+    finish_winner: bool = True
+
+    def _cross_check(self, prefix: str) -> list[str]:
+        lo_hi = list(self.l1)
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+            return [f"{prefix}l1: must be the log-uniform bounds [low, high] with 0 < low <= high; "
+                    f"got {lo_hi!r}. Write e.g. [1e-5, 1e-3]."]
+        return []
+
+
+@dataclass
 class PipelineConfig:
     name: str = field(default="quickstart", metadata=_check(_name_check))
     storage: str = field(default="./penni_runs", metadata=_check(_nonempty))
@@ -344,9 +391,10 @@ class PipelineConfig:
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=0.02))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     shrink: ShrinkConfig = field(default_factory=ShrinkConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------------------

@@ -148,6 +148,27 @@ def test_yaml_scientific_notation_is_float(tmp_path):
         ("evaluate.latency_batch_sizes=[0]", "evaluate.latency_batch_sizes"),
         ("shrink.enabled=null", "shrink.enabled"),
         ("data.dataset=parquet", "data.root"),
+        ("data.loader=dali", "data.loader"),
+        ("data.augment=heavy", "data.augment"),
+        ("data.hflip=maybe", "data.hflip"),
+        ("data.normalize=yes", "data.normalize"),
+        ("finetune.distill=1", "finetune.distill"),
+        ("finetune.distill_temperature=0", "finetune.distill_temperature"),
+        ("finetune.distill_weight=1.5", "finetune.distill_weight"),
+        ("finetune.distill_weight=-0.1", "finetune.distill_weight"),
+        ("sweep.d=[]", "sweep.d"),
+        ("sweep.d=[0, 3]", "sweep.d"),
+        ("sweep.l1=[1e-3, 1e-5]", "sweep.l1"),
+        ("sweep.l1=[1e-3]", "sweep.l1"),
+        ("sweep.l1=[0, 1e-3]", "sweep.l1"),
+        ("sweep.channel_target=[1.0]", "sweep.channel_target"),
+        ("sweep.num_samples=0", "sweep.num_samples"),
+        ("sweep.max_concurrent_trials=0", "sweep.max_concurrent_trials"),
+        ("sweep.scheduler=hyperband", "sweep.scheduler"),
+        ("sweep.objective=accuracy", "sweep.objective"),
+        ("sweep.select=best", "sweep.select"),
+        ("sweep.max_top1_drop=-1", "sweep.max_top1_drop"),
+        ("sweep.max_macs=0", "sweep.max_macs"),
     ],
 )
 def test_bad_values_rejected(override, key):
@@ -156,6 +177,33 @@ def test_bad_values_rejected(override, key):
     assert len(exc.value.errors) == 1, exc.value.errors
     assert exc.value.errors[0].startswith(f"{key}"), exc.value.errors
     assert isinstance(exc.value, ValueError)
+
+
+def test_new_keys_defaults_and_overrides():
+    cfg = PipelineConfig()
+    assert (cfg.data.loader, cfg.data.augment, cfg.data.hflip, cfg.data.normalize) == ("auto", "auto", True, "auto")
+    assert (cfg.finetune.distill, cfg.finetune.distill_temperature, cfg.finetune.distill_weight) == (False, 4.0, 0.5)
+    assert isinstance(cfg.finetune, C.FinetuneConfig) and not hasattr(cfg.retrain, "distill")
+    assert cfg.sweep.d == [3, 5] and cfg.sweep.l1 == [1e-5, 1e-3] and cfg.sweep.prune_s is None
+    assert (cfg.sweep.num_samples, cfg.sweep.scheduler, cfg.sweep.select) == (4, "asha", "fewest_macs_within")
+    changed = load_config(None, ["data.loader=ray_data", "data.normalize=none", "finetune.distill=true",
+                                 "finetune.distill_weight=1", "sweep.prune_s=[1.0, 1.5]", "sweep.max_macs=1e6"])
+    assert changed.data.loader == "ray_data" and changed.data.normalize == "none"
+    assert changed.finetune.distill is True and changed.finetune.distill_weight == 1.0
+    assert changed.sweep.prune_s == [1.0, 1.5] and changed.sweep.max_macs == 1e6
+    with pytest.raises(ConfigError, match="retrain.distill"):
+        load_config(None, ["retrain.distill=true"])  # distillation is a fine-tuning option only
+
+
+def test_sweep_section_never_enters_fingerprints():
+    base = load_config()
+    other = load_config(None, ["sweep.d=[2]", "sweep.num_samples=9", "sweep.scheduler=none", "sweep.in_process=true"])
+    for stage in STAGES:
+        assert section_fingerprint(base, stage) == section_fingerprint(other, stage), stage
+    assert section_fingerprint(base, "finetune") != section_fingerprint(
+        load_config(None, ["finetune.distill=true"]), "finetune")
+    assert section_fingerprint(base, "baseline") != section_fingerprint(
+        load_config(None, ["data.hflip=false"]), "baseline")
 
 
 def test_sparsity_with_target_ok():
