@@ -33,6 +33,8 @@ _METRICS_PER_BATCH = 1000
 
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+PIPELINE_STATE = "pipeline.json"  # per run: the MLflow parent run id, so a resumed run re-attaches
+PARENT_ID_KEY = "mlflow_parent_run_id"
 
 
 class TrackingError(RuntimeError):
@@ -474,6 +476,32 @@ class Tracker:
         if self._parent_run_id is not None:
             self._client.set_terminated(self._parent_run_id, status)
 
+    @contextlib.contextmanager
+    def parent_run(
+        self, params: Mapping | None = None, tags: Mapping | None = None, *, store=None,
+        resume_run_id: str | None = None,
+    ) -> Iterator["Tracker"]:
+        """The parent run around a ``with`` body, like ``stage_run``: FINISHED when the body returns,
+        FAILED on an error, KILLED on Ctrl-C. Re-attaches to ``resume_run_id``, else to the id that
+        ``store``'s ``pipeline.json`` recorded, and records the id (and URI) there."""
+        state = (store.read_json(PIPELINE_STATE) or {}) if store is not None else {}
+        run_id = self.start_parent(resume_run_id or state.get(PARENT_ID_KEY), dict(params or {}), dict(tags or {}))
+        if store is not None:
+            store.write_json_atomic(PIPELINE_STATE, {**state, PARENT_ID_KEY: run_id, "tracking_uri": self.tracking_uri})
+        try:
+            yield self
+        except BaseException as e:
+            self._end_parent_quietly("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            raise
+        self.end_parent("FINISHED")
+
+    def _end_parent_quietly(self, status: str) -> None:
+        """End the parent run; a tracking failure here must not hide the error that ended it."""
+        try:
+            self.end_parent(status)
+        except Exception:  # noqa: BLE001
+            log.debug("could not mark the MLflow parent run %s %s", self._parent_run_id, status, exc_info=True)
+
     # ---------------------------------------------------------------- stages
 
     @contextlib.contextmanager
@@ -525,6 +553,23 @@ class Tracker:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def parent_run(
+    cfg, tracking_uri: str | None, store, tags: Mapping | None = None, config_name: str | None = None
+) -> Iterator[Tracker | None]:
+    """The MLflow parent run of the pipeline run ``cfg`` (see ``Tracker.parent_run``), with the
+    flattened config as params; yields None (tracking off) when ``tracking_uri`` is None."""
+    if tracking_uri is None:
+        yield None
+        return
+    from .config import flatten as flatten_config
+
+    tracker = Tracker(tracking_uri, cfg.tracking.experiment, cfg.name)
+    named = {"penni.config": config_name} if config_name else {}
+    with tracker.parent_run(flatten_config(cfg), {**named, **(tags or {})}, store=store):
+        yield tracker
 
 
 def read_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> list[dict]:

@@ -278,3 +278,34 @@ def test_epoch_logger_failure_warns(uri):
     lg.strict = True
     with pytest.raises(Exception):
         lg.log({"x": 1.0}, step=1)
+
+
+class _State:
+    """The two calls of RunStore that parent_run uses, on a dict."""
+
+    def __init__(self):
+        self.files = {}
+
+    def read_json(self, rel):
+        return self.files.get(rel)
+
+    def write_json_atomic(self, rel, obj):
+        self.files[rel] = obj
+
+
+def test_parent_run_context_manager(uri, exp):
+    state = _State()
+    tr = Tracker(uri, exp, "r")
+    with tr.parent_run({"a": 1}, {"penni.config": "tiny"}, store=state) as t:
+        pid = t.parent_run_id
+        assert _client(uri).get_run(pid).info.status == "RUNNING"
+    assert state.files["pipeline.json"] == {"mlflow_parent_run_id": pid, "tracking_uri": uri}
+    run = _client(uri).get_run(pid)
+    assert run.info.status == "FINISHED" and run.data.tags["penni.config"] == "tiny"
+    # a second run re-attaches through pipeline.json; an error marks it FAILED, Ctrl-C KILLED
+    for error, status in ((ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(error)):
+            with Tracker(uri, exp, "r").parent_run({"a": 1}, store=state) as t:
+                assert t.parent_run_id == pid
+                raise error
+        assert _client(uri).get_run(pid).info.status == status
