@@ -40,8 +40,10 @@ class StageOutcome:
 
 
 def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: str, run_name: str,
-                   use_ray_train: bool, tracking_uri: str | None, mlflow_run_id: str | None) -> dict:
-    """Run one stage and commit its outputs; returns the manifest. Runs in a Ray task or in-process."""
+                   use_ray_train: bool, tracking_uri: str | None, mlflow_run_id: str | None,
+                   train_callbacks: Sequence = ()) -> dict:
+    """Run one stage and commit its outputs; returns the manifest. Runs in a Ray task or in-process.
+    ``train_callbacks``: extra Ray Train callbacks of its training runs (a sweep forwards epochs to Tune)."""
     cfg = from_dict(cfg_dict)
     store = RunStore(storage, run_name)
     with tempfile.TemporaryDirectory(prefix=f"penni-{stage}-") as tmp:
@@ -55,7 +57,8 @@ def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: 
             return run_training(
                 job, use_ray=use_ray_train, run_name=training_run_name(stage, stage_fingerprint, job.input_model),
                 storage=store.train_storage(), num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures, local_dir=scratch)
+                cpus_per_worker=cfg.ray.cpus_per_worker, max_failures=cfg.ray.max_failures, local_dir=scratch,
+                callbacks=list(train_callbacks))
 
         ctx = StageContext(cfg=cfg, stage=stage, inputs=inputs, out_dir=out_dir, train=train,
                            tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
@@ -67,8 +70,9 @@ class Pipeline:
     """Runs the stages of one pipeline run in order, skipping those already done."""
 
     def __init__(self, cfg: PipelineConfig, *, use_ray: bool, tracker: Any = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, train_callbacks: Sequence = ()) -> None:
         self.cfg = cfg
+        self.train_callbacks = list(train_callbacks)  # Ray Train callbacks of the training stages
         self.use_ray = use_ray
         self.store = RunStore(cfg.storage, cfg.name)
         self.tracker = tracker
@@ -134,7 +138,7 @@ class Pipeline:
 
                 manifest = ray.get(manifest)
             else:
-                manifest = _execute_stage(*args, *tracking)
+                manifest = _execute_stage(*args, *tracking, self.train_callbacks)
             if run is not None:
                 run.log_metrics(manifest["metrics"])
                 run.set_tags({"penni.fingerprint": self.fingerprints[stage]})
