@@ -25,7 +25,8 @@ __all__ = [
 from .dependency import channel_graph, register_channel_rule
 from .export import export_onnx, to_torch
 from .inference import InferencePlan, optimize_for_inference
-from .profile import Profile, compare, macs_reduction, profile
+from .compare import compare, macs_reduction
+from .profile import Profile, profile
 from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
 from .factories import get_factory, register_factory, registered_factories
 from .shrink import ShrinkReport, shrink

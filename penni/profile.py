@@ -145,7 +145,7 @@ class Profile:
         """Rows whose kind is in ``kinds`` (all rows for None)."""
         if kinds is None:
             return list(self.rows)
-        kinds = _check_kinds(kinds)
+        kinds = check_kinds(kinds)
         return [r for r in self.rows if r.kind in kinds]
 
     @property
@@ -166,21 +166,21 @@ class Profile:
         rows = self.select(kinds)
         header = ["Name", "Kind", "Size", "Width", "Basis", "Coefficients (non-zero/total)",
                   "Sparsity %", "Params", "MACs (sparse)", "MACs (dense)"]
-        lines = [_md_row(header), _md_row(["---"] * len(header))]
+        lines = [md_row(header), md_row(["---"] * len(header))]
         for r in rows:
-            lines.append(_md_row([r.name, r.kind, r.size, r.width, r.basis_str, r.coefficients_str,
-                                  f"{r.sparsity:.2f}", _human(r.params), _human(r.sparse_macs),
-                                  _human(r.dense_macs)]))
+            lines.append(md_row([r.name, r.kind, r.size, r.width, r.basis_str, r.coefficients_str,
+                                  f"{r.sparsity:.2f}", human(r.params), human(r.sparse_macs),
+                                  human(r.dense_macs)]))
         nz, tot = sum(r.nonzero for r in rows), sum(r.total for r in rows)
-        lines.append(_md_row(["**Total**", "", "", "", "", f"{nz}/{tot}", f"{_pct_zero(nz, tot):.2f}",
-                              _human(sum(r.params for r in rows)), _human(sum(r.sparse_macs for r in rows)),
-                              _human(sum(r.dense_macs for r in rows))]))
+        lines.append(md_row(["**Total**", "", "", "", "", f"{nz}/{tot}", f"{pct_zero(nz, tot):.2f}",
+                              human(sum(r.params for r in rows)), human(sum(r.sparse_macs for r in rows)),
+                              human(sum(r.dense_macs for r in rows))]))
         lines += [
             "",
-            f"Parameters: {self.params} ({_human(self.params)}), non-zero: {self.nonzero_params} "
-            f"({_human(self.nonzero_params)})",
-            f"MACs per image: sparse {_human(self.sparse_macs)} ({self.sparse_macs}), "
-            f"dense {_human(self.dense_macs)} ({self.dense_macs})",
+            f"Parameters: {self.params} ({human(self.params)}), non-zero: {self.nonzero_params} "
+            f"({human(self.nonzero_params)})",
+            f"MACs per image: sparse {human(self.sparse_macs)} ({self.sparse_macs}), "
+            f"dense {human(self.dense_macs)} ({self.dense_macs})",
         ]
         return "\n".join(lines) + "\n"
 
@@ -203,7 +203,7 @@ class Profile:
                 r.sparse_macs, r.dense_macs,
             ])
         nz, tot = sum(r.nonzero for r in rows), sum(r.total for r in rows)
-        writer.writerow(["Total", "total", "", "", "", "", "", "", nz, tot, f"{_pct_zero(nz, tot):.4f}",
+        writer.writerow(["Total", "total", "", "", "", "", "", "", nz, tot, f"{pct_zero(nz, tot):.4f}",
                          self.params, "", "", _sum(r.sparse_macs for r in rows), _sum(r.dense_macs for r in rows)])
         text = buf.getvalue()
         if path is not None:
@@ -425,78 +425,10 @@ def _batch_size(example_inputs: Any) -> int:
     return int(t.shape[0])
 
 
-# -------------------------------------------------------------------- comparisons
-
-
-def macs_reduction(before: Profile, after: Profile) -> dict[str, float]:
-    """Percentage reductions ``100 * (1 - after / before)`` of params, non-zero params and MACs.
-
-    Keys: ``params``, ``nonzero_params``, ``sparse_macs``, ``dense_macs``; also
-    ``sparse_vs_dense_before``: the sparse MACs of ``after`` against the dense MACs of ``before``
-    (the paper's headline FLOP reduction of the compressed model against the baseline).
-    """
-    def red(b: Number, a: Number) -> float:
-        return 100.0 * (1.0 - a / b) if b else 0.0
-
-    return {
-        "params": red(before.params, after.params),
-        "nonzero_params": red(before.nonzero_params, after.nonzero_params),
-        "sparse_macs": red(before.sparse_macs, after.sparse_macs),
-        "dense_macs": red(before.dense_macs, after.dense_macs),
-        "sparse_vs_dense_before": red(before.dense_macs, after.sparse_macs),
-    }
-
-
-def compare(before: Profile, after: Profile, kinds: Iterable[str] | None = None) -> str:
-    """Markdown table in the layout of the paper's Table 1, before and after shrinking side by side.
-
-    Columns: Name | Size | Width | Basis | Coefficients (non-zero/total) | Sparsity % for the
-    ``before`` profile, then the same four for ``after``. Layers are matched by name; a layer
-    missing on one side shows "-". A Total row sums each side; a summary of params and MACs with
-    their reductions follows. ``kinds`` restricts the rows (``CONV_KINDS`` gives the paper's
-    conv-only table).
-    """
-    left = {r.name: r for r in before.select(kinds)}
-    right = {r.name: r for r in after.select(kinds)}
-    names = list(left) + [n for n in right if n not in left]
-    side = ["Width", "Basis", "Coefficients (non-zero/total)", "Sparsity %"]
-    # markdown has a single header row: the first column of each half names the half
-    header = ["Name", "Size", f"Before shrinking: {side[0]}", *side[1:], f"After shrinking: {side[0]}", *side[1:]]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
-
-    def cells(r: LayerRow | None) -> list[str]:
-        if r is None:
-            return ["-"] * 4
-        return [str(r.width), r.basis_str, r.coefficients_str, f"{r.sparsity:.2f}"]
-
-    for n in names:
-        a, b = left.get(n), right.get(n)
-        size = (a or b).size  # type: ignore[union-attr]
-        lines.append(_md_row([n, size] + cells(a) + cells(b)))
-
-    def total(rows: Sequence[LayerRow]) -> list[str]:
-        nz, tot = sum(r.nonzero for r in rows), sum(r.total for r in rows)
-        return ["", "", f"{nz}/{tot}", f"{_pct_zero(nz, tot):.2f}"]
-
-    lines.append(_md_row(["**Total**", ""] + total(list(left.values())) + total(list(right.values()))))
-    red = macs_reduction(before, after)
-    lines += [
-        "",
-        f"Parameters: {_human(before.params)} -> {_human(after.params)} ({red['params']:.2f}% fewer); "
-        f"non-zero: {_human(before.nonzero_params)} -> {_human(after.nonzero_params)} "
-        f"({red['nonzero_params']:.2f}% fewer)",
-        f"MACs per image (sparse): {_human(before.sparse_macs)} -> {_human(after.sparse_macs)} "
-        f"({red['sparse_macs']:.2f}% fewer)",
-        f"MACs per image (dense): {_human(before.dense_macs)} -> {_human(after.dense_macs)} "
-        f"({red['dense_macs']:.2f}% fewer)",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 # -------------------------------------------------------------------- helpers
 
 
-def _check_kinds(kinds: Iterable[str]) -> set[str]:
+def check_kinds(kinds: Iterable[str]) -> set[str]:
     kinds = {kinds} if isinstance(kinds, str) else set(kinds)
     unknown = kinds - set(KINDS)
     if unknown:
@@ -504,7 +436,7 @@ def _check_kinds(kinds: Iterable[str]) -> set[str]:
     return kinds
 
 
-def _pct_zero(nonzero: int, total: int) -> float:
+def pct_zero(nonzero: int, total: int) -> float:
     return 100.0 * (1.0 - nonzero / total) if total else 0.0
 
 
@@ -513,7 +445,7 @@ def _sum(values: Iterable[Number]) -> Number:
     return int(s) if isinstance(s, float) and s.is_integer() else s
 
 
-def _human(n: Number) -> str:
+def human(n: Number) -> str:
     n = float(n)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -521,8 +453,8 @@ def _human(n: Number) -> str:
     return f"{n:.0f}" if n.is_integer() else f"{n:.2f}"
 
 
-def _md_row(cells: Sequence[Any]) -> str:
+def md_row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-__all__ = ["profile", "Profile", "LayerRow", "compare", "macs_reduction", "KINDS", "CONV_KINDS", "CSV_COLUMNS"]
+__all__ = ["profile", "Profile", "LayerRow", "KINDS", "CONV_KINDS", "CSV_COLUMNS"]

@@ -19,7 +19,7 @@ from torch import nn
 
 import penni
 from penni.decompose import is_decomposable
-from penni.profile import compare as profile_compare
+from penni.compare import compare as profile_compare
 from penni.models import build_model, load_weights
 from penni.serialization import PenniFormatError, load, save
 

@@ -15,7 +15,8 @@ import penni
 from penni.conv import PenniConv2d
 from penni.masking import hold_mask
 from penni.models import build_model
-from penni.profile import CONV_KINDS, CSV_COLUMNS, LayerRow, Profile, compare, macs_reduction, profile
+from penni.compare import compare, macs_reduction
+from penni.profile import CONV_KINDS, CSV_COLUMNS, LayerRow, Profile, profile
 
 
 def _flop_count(model: nn.Module, x: torch.Tensor) -> int:
