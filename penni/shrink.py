@@ -364,6 +364,14 @@ def _drop_bases(model: nn.Module, recipe: Recipe, report: ShrinkReport) -> bool:
     return changed
 
 
+def _check_shrink_args(max_rounds: int, round_to: int | None) -> None:
+    """Refuse arguments shrink cannot honour, before any work."""
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+
+
 def shrink(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple,
@@ -396,10 +404,7 @@ def shrink(
 
     With ``return_report=True`` returns ``(small_model, ShrinkReport)``.
     """
-    if max_rounds < 1:
-        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    _check_shrink_args(max_rounds, round_to)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     modes = {name: m.training for name, m in model.named_modules()}
     small = copy.deepcopy(model)
