@@ -8,13 +8,14 @@ import pickle
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import data as D
+from pipeline import fashion_mnist
+from pipeline.config import DataConfig
 from pipeline.data import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,12 +26,11 @@ def needs_fashion(test):
     return test
 
 
-def cfg(**kw) -> SimpleNamespace:
+def cfg(**kw) -> DataConfig:
     base = dict(dataset="fashion_mnist", root=None, train_subset=None, val_fraction=0.1,
-                val_subset=None, test_subset=None, image_size=32, synthetic_size=64,
-                num_classes=None, in_channels=None)
+                val_subset=None, test_subset=None, image_size=32, synthetic_size=64)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return DataConfig(**base)
 
 
 # ------------------------------------------------------------------ Fashion-MNIST
@@ -122,7 +122,7 @@ def test_find_fashion_mnist_layouts_and_error(tmp_path, monkeypatch):
         for f in FASHION.glob("*-ubyte.gz"):
             (raw / f.name).symlink_to(f)
         assert D.find_fashion_mnist(str(tmp_path / "tv")) == raw
-    monkeypatch.setattr(D, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError) as e:
         D.find_fashion_mnist(str(tmp_path / "empty"), download=False)
     msg = str(e.value)
@@ -201,8 +201,10 @@ def test_missing_roots_raise_helpful_errors(tmp_path):
     (tmp_path / "half" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no val/ directory"):
         D.build_datasets(cfg(dataset="imagefolder", root=str(tmp_path / "half")))
+    unknown = cfg()
+    object.__setattr__(unknown, "dataset", "mnist")  # past the config's own validation
     with pytest.raises(DataError, match="unknown"):
-        D.build_datasets(cfg(dataset="mnist"))
+        D.build_datasets(unknown)
 
 
 def test_imagefolder_splits(tree):
@@ -303,8 +305,8 @@ def test_import_pulls_no_ray_mlflow_or_pyarrow():
 
 
 def test_synthetic_is_deterministic_and_explicit():
-    c = cfg(dataset="synthetic", synthetic_size=40, num_classes=7, in_channels=3, image_size=16)
-    a, b = D.build_datasets(c, seed=5), D.build_datasets(c, seed=5)
+    c = cfg(dataset="synthetic", synthetic_size=40, image_size=16)
+    a, b = (D.build_datasets(c, seed=5, in_channels=3, num_classes=7) for _ in range(2))
     assert (len(a.train), a.num_classes, a.in_channels, a.image_size) == (40, 7, 3, 16)
     assert torch.equal(a.train[3][0], b.train[3][0]) and a.train[3][1] == b.train[3][1]
     assert a.train[0][0].shape == (3, 16, 16)
