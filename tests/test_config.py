@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline import config as C
 from pipeline.config import (
@@ -337,12 +337,67 @@ def test_to_dict_and_dump_yaml_round_trip(tmp_path):
     assert C.apply_overrides(cfg, ["seed=3"]).seed == 3 and cfg.seed == 0
 
 
-def test_dataclass_defaults_are_not_shared():
+def test_section_defaults_are_not_shared():
     a, b = PipelineConfig(), PipelineConfig()
     a.decompose.exclude.append("conv1")
     a.model.kwargs["x"] = 1
     assert b.decompose.exclude == [] and b.model.kwargs == {}
-    assert dataclasses.is_dataclass(a.retrain) and isinstance(a.retrain, TrainConfig)
+    assert isinstance(a.retrain, BaseModel) and isinstance(a.retrain, TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=1.5", "seed: input should be a valid integer; got 1.5 (float). Write a whole number"),
+        ("ray.use_gpu=yes", "ray.use_gpu: input should be a valid boolean; got 'yes' (str). Write true or false."),
+        ("baseline.channels_last=1", "baseline.channels_last: input should be 'auto', true or false; got 1 (int)"),
+        ("decompose.d={conv1: 0}", "decompose.d['conv1']: input should be greater than or equal to 1; got 0"),
+        ("decompose.d={7: 2}", "decompose.d: keys must be strings, got key 7 (int)."),
+        ("decompose.d=2.5", "decompose.d: input should be an int >= 1 or a mapping"),
+        ("decompose.exclude=conv1", "decompose.exclude: input should be a valid list; got 'conv1' (str). Write it as"),
+        ("evaluate.latency_batch_sizes=[1, 0]", "evaluate.latency_batch_sizes[1]: input should be greater than or"),
+        ("data=5", "data: expected a mapping of the options of section 'data', got 5 (int)."),
+        ("ray.cpus_per_worker=.inf", "ray.cpus_per_worker: input should be a finite number; got inf"),
+        ("model.kwargs={a: .nan}", "model.kwargs: must be JSON-serializable"),
+        ("name=a/b", "name: must match [A-Za-z0-9_.-]+"),
+        ("prune.rule=sparsity", "prune.target: required when prune.rule is 'sparsity'; got null."),
+        ("finetune.milestones=[0.8, 0.4]", "finetune.milestones: must be strictly ascending"),
+        ("decompose.d.conv1=3", "decompose.d.conv1: unknown key; 'decompose.d' is a value, not a section."),
+    ],
+)
+def test_error_messages_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert [e[: len(message)] for e in exc.value.errors] == [message], exc.value.errors
+
+
+def test_every_cross_field_problem_of_a_section_is_reported(tmp_path):
+    p = _write(tmp_path, "retrain:\n  milestones: [0.8, 0.4]\n  momentum: 0\nbaseline:\n  lr_schedule: multistep\n"
+                         "  milestones: []\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert sorted(e.split(":")[0] for e in exc.value.errors) == [
+        "baseline.milestones", "retrain.milestones", "retrain.nesterov"]
+    assert "Set retrain.nesterov=false" in str(exc.value)  # the hint names the section it is in
+
+
+def test_section_override_as_mapping_merges_and_strict_types_hold():
+    cfg = load_config(None, ["retrain={l1: 1e-4}", "shrink=", "ray.cpus_per_worker=2"])
+    assert cfg.retrain.l1 == 1e-4 and cfg.retrain.lr == PipelineConfig().retrain.lr  # merged, not replaced
+    assert cfg.shrink == PipelineConfig().shrink  # an empty section means its defaults
+    assert load_config(None, ["model.kwargs={a: 1}", "model.kwargs={b: 2}"]).model.kwargs == {"b": 2}
+    with pytest.raises(ConfigError, match="decompose.d"):
+        load_config(None, ["decompose.d=true"])  # a bool is not an int here
+
+
+def test_fingerprints_are_deterministic_across_processes():
+    code = ("from pipeline.config import load_config, section_fingerprint, STAGES; "
+            "c = load_config('tiny'); print(' '.join(section_fingerprint(c, s) for s in STAGES))")
+    root = Path(__file__).resolve().parents[1]
+    runs = [subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")]
+    cfg = load_config("tiny")
+    assert runs[0] == runs[1] == " ".join(section_fingerprint(cfg, s) for s in STAGES) + "\n"
 
 
 def test_import_is_light():
