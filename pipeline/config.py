@@ -56,7 +56,7 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
 }
 
 #: Folder holding the shipped configs; bare names ("fashion_vgg16") resolve here.
-CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "workflows" / "configs"
+CONFIG_DIR: Path = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "quickstart"
 
 

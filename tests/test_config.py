@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,20 @@ def test_shipped_configs_load(name):
     assert by_name.name == name
     # round trip through dump_yaml/JSON
     json.dumps(to_dict(by_name))
+
+
+def test_shipped_configs_are_package_data_found_from_any_directory(tmp_path):
+    assert C.CONFIG_DIR == Path(C.__file__).resolve().parent / "configs"
+    code = "from pipeline.config import load_config; print(load_config('tiny').name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "tiny"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["package-data"]["pipeline"] == ["configs/*.yaml"]
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"penni-pipeline", "penni-sweep"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
 
 
 def test_no_unlisted_shipped_configs():

@@ -10,13 +10,8 @@ interrupted training stage from its last checkpoint.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from pipeline.runner import main  # noqa: E402
+from pipeline.runner import main  # the installed package (pip install -e .); same as `penni-pipeline`
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

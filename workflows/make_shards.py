@@ -9,8 +9,6 @@ import argparse
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, write the shards, print their paths; returns the exit status."""

@@ -9,13 +9,8 @@ the same command skips every stage already done. See pipeline/sweep.py.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from pipeline.sweep import main  # noqa: E402
+from pipeline.sweep import main  # the installed package (pip install -e .); same as `penni-sweep`
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
