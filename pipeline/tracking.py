@@ -3,221 +3,63 @@
 Everything goes through an explicit ``MlflowClient`` (no reliance on MLflow's global active-run
 stack), so the same run ids can be written from the driver, Ray tasks and Ray Train rank-0
 workers. ``mlflow`` is imported lazily: ``import pipeline.tracking`` works without it.
-
-MLflow 3.x notes (see shared research notes): the ``./mlruns`` file store raises on
-MLflow >= 3.13, so only database / server URIs are accepted; experiments are created with an
-explicit artifact location so artifacts never land in a Ray worker's working directory.
+Metric names and rounding: ``pipeline/metric_names.py``; the tracking URI: ``pipeline/tracking_uri.py``;
+what the UI opens on: ``pipeline/mlflow_ui.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import numbers
 import os
-import posixpath
-import re
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
+
+from .metric_names import clean_key as _clean_key
+from .metric_names import flatten, split_for_mlflow
+from .tracking_uri import (  # noqa: F401 - re-exported: the public names of tracking
+    TrackingError,
+    _validate_uri,
+    default_artifact_location,
+    resolve_tracking_uri,
+    tracking_uri_problem,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VAL = 6000
 MAX_TAG_VAL = 8000
-MAX_KEY = 250
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
-
-_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-_SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
 PIPELINE_STATE = "pipeline.json"  # per run: the MLflow parent run id, so a resumed run re-attaches
 PARENT_ID_KEY = "mlflow_parent_run_id"
 
 
-class TrackingError(RuntimeError):
-    """Misconfigured tracking; the message says what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# URIs
-
-
-def _scheme(uri: str) -> str:
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*):", uri)
-    return m.group(1).lower() if m else ""
-
-
-def _validate_uri(uri: str, source: str) -> str:
-    uri = uri.strip()
-    scheme = _scheme(uri)
-    base = scheme.split("+", 1)[0]
-    if scheme == "file" or not scheme:
-        raise TrackingError(
-            f"tracking URI {uri!r} (from {source}) points at MLflow's file store (a directory), "
-            "which MLflow >= 3.13 refuses. Use a database, e.g. "
-            "'sqlite:////absolute/path/mlflow.db', or a tracking server 'http://host:5000'. "
-            "Existing ./mlruns data can be migrated with 'mlflow migrate-filestore'."
-        )
-    if base == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:" and not path.startswith("file:"):
-            db, _, query = path.partition("?")
-            absolute = Path(db).expanduser().resolve()
-            if str(absolute) != db:
-                # Ray workers chdir into session dirs: a relative DB path would differ per process
-                uri = f"{scheme}:///{absolute}" + (f"?{query}" if query else "")
-                log.info("tracking URI made absolute: %s", uri)
-            parent = absolute.parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise TrackingError(
-                    f"cannot create the directory {parent} for the MLflow database {uri!r} "
-                    f"(from {source}): {e}. Choose a writable location with --tracking-uri."
-                ) from e
-    return uri
-
-
-def resolve_tracking_uri(
-    cli_uri: str | None, cfg_uri: str | None, run_root_local: Path | None
-) -> str:
-    """The tracking URI to use.
-
-    Precedence: ``--tracking-uri``, ``MLFLOW_TRACKING_URI``, config ``tracking.uri``, then
-    ``sqlite:///<run_root>/mlflow.db`` (or ``sqlite:///<cwd>/mlflow.db`` when the run root is
-    remote). ``file:`` URIs and plain directories are rejected (MLflow's file store).
-    """
-    for value, source in (
-        (cli_uri, "--tracking-uri"),
-        (os.environ.get("MLFLOW_TRACKING_URI"), "the MLFLOW_TRACKING_URI environment variable"),
-        (cfg_uri, "config tracking.uri"),
-    ):
-        if value:
-            return _validate_uri(str(value), source)
-    base = Path(run_root_local) if run_root_local is not None else Path.cwd()
-    db = base.expanduser().resolve() / "mlflow.db"
-    return _validate_uri(f"sqlite:///{db}", "the default (run root)")
-
-
-def tracking_uri_problem(uri: str, timeout: float = 5.0) -> str | None:
-    """Why the tracking server at ``uri`` cannot be used (None when it answers or is not a server).
-
-    A GET of ``<uri>/health`` with a short timeout; any HTTP answer counts as reachable. Without it,
-    MLflow retries an unreachable server silently for minutes."""
-    import socket
-    import urllib.error
-    import urllib.request
-
-    if _scheme(uri) not in ("http", "https"):
-        return None
-    url = uri.split("?", 1)[0].rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return None
-    except urllib.error.HTTPError:
-        return None  # it answered (an auth proxy, an old server without /health): reachable
-    except (urllib.error.URLError, socket.timeout, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        return (f"the MLflow tracking server {uri} is unreachable ({reason}; waited up to {timeout:g} s): "
-                "start it, fix --tracking-uri / tracking.uri / MLFLOW_TRACKING_URI, or leave them out "
-                "to track into SQLite under the run")
-
-
-def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """``<dir of the sqlite db>/mlartifacts/<experiment>`` for SQLite; None otherwise."""
-    if _scheme(tracking_uri).split("+", 1)[0] != "sqlite" or not tracking_uri.startswith(
-        "sqlite:///"
-    ):
-        return None
-    path = tracking_uri[len("sqlite:///"):].partition("?")[0]
-    if not path or path == ":memory:" or path.startswith("file:"):
-        return None
-    safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", experiment).strip("._") or "default"
-    return (Path(path).expanduser().resolve().parent / "mlartifacts" / safe).as_uri()
-
-
-# --------------------------------------------------------------------------------------------
-# value helpers
-
-
-def _clean_key(key: Any) -> str:
-    """Make a key acceptable to MLflow (chars, no path tricks, length)."""
-    k = re.sub(r"[^/\w.\- :]", "_", str(key))
-    if not k or posixpath.normpath(k) != k or k.startswith(".."):
-        k = k.replace("/", "_")
-        if k in ("", ".", "..") or k.startswith(".."):
-            k = "_" + k
-    return k[:MAX_KEY]
-
-
-def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts are kept as ``{}``)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def _param_str(v: Any) -> str:
+def _param_str(v) -> str:
     s = "None" if v is None else str(v)
-    if len(s) > MAX_PARAM_VAL:
-        s = s[: MAX_PARAM_VAL - 3] + "..."
-    return s
+    return s if len(s) <= MAX_PARAM_VAL else s[: MAX_PARAM_VAL - 3] + "..."
 
 
-def _tag_str(v: Any) -> str:
+def _tag_str(v) -> str:
     s = str(v)
     return s if len(s) <= MAX_TAG_VAL else s[: MAX_TAG_VAL - 3] + "..."
 
 
-def _as_number(v: Any) -> float | None:
-    """A finite float, or None when ``v`` is non-numeric or non-finite."""
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, numbers.Real):
-        x = float(v)
-    elif hasattr(v, "item") and callable(v.item):  # numpy / torch scalars, 1-element tensors
-        try:
-            x = v.item()
-        except Exception:  # noqa: BLE001
-            return None
-        if not isinstance(x, numbers.Real):
-            return None
-        x = float(x)
-    else:
-        return None
-    return x if math.isfinite(x) else None
+def _log_metrics(client, run_id: str, values: Mapping, step: int | None, where: str) -> None:
+    """Numbers as grouped, rounded metrics (``val/top1``); counters and text as ``penni.*`` tags."""
+    from mlflow.entities import Metric, RunTag
 
-
-def _metric_entities(metrics: Mapping, step: int | None, where: str):
-    from mlflow.entities import Metric
-
+    metrics, tags, dropped = split_for_mlflow(values, step)
+    for key in dropped:
+        warnings.warn(f"{where}: not logging metric {key!r} (not finite)", RuntimeWarning, stacklevel=3)
     ts = int(time.time() * 1000)
-    out = []
-    for k, v in flatten(metrics).items():
-        x = _as_number(v)
-        if x is None:
-            warnings.warn(
-                f"{where}: not logging metric {k!r}={v!r} (non-numeric or non-finite)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            continue
-        out.append(Metric(_clean_key(k), x, ts, int(step) if step is not None else 0))
-    return out
-
-
-def _log_metrics(client, run_id: str, metrics: Mapping, step: int | None, where: str) -> None:
-    ents = _metric_entities(metrics, step, where)
-    for i in range(0, len(ents), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=ents[i : i + _METRICS_PER_BATCH])
+    ents = [Metric(k, x, ts, int(step) if step is not None else 0) for k, x in metrics.items()]
+    tag_ents = [RunTag(k, _tag_str(v)) for k, v in tags.items()]
+    batches = max(-(-len(ents) // _METRICS_PER_BATCH), -(-len(tag_ents) // _PARAMS_PER_BATCH))
+    for b in range(batches):  # MLflow's limits per call: 1000 metrics, 100 tags
+        client.log_batch(run_id, metrics=ents[b * _METRICS_PER_BATCH : (b + 1) * _METRICS_PER_BATCH],
+                         tags=tag_ents[b * _PARAMS_PER_BATCH : (b + 1) * _PARAMS_PER_BATCH])
 
 
 def _log_params(client, run_id: str, params: Mapping) -> dict[str, str]:
@@ -359,11 +201,13 @@ class Tracker:
     def _get_or_create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
+        from .mlflow_ui import experiment_tags
+
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
                 return self._client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_location
+                    self.experiment, artifact_location=self.artifact_location, tags=experiment_tags()
                 )
             except MlflowException as e:  # created concurrently by another process
                 exp = self._client.get_experiment_by_name(self.experiment)
@@ -379,6 +223,9 @@ class Tracker:
                 f"{exp.experiment_id}), delete it permanently (mlflow gc), or choose another "
                 "name with --set tracking.experiment=<name>."
             )
+        for key, value in experiment_tags().items():
+            if exp.tags.get(key) != value:  # an experiment made by an older penni or by hand
+                self._client.set_experiment_tag(exp.experiment_id, key, value)
         if (
             self.artifact_location is not None
             and exp.artifact_location.rstrip("/") != self.artifact_location.rstrip("/")
@@ -388,6 +235,18 @@ class Tracker:
                 self.experiment, exp.artifact_location, self.artifact_location,
             )
         return exp.experiment_id
+
+    def ui_url(self, *, charts: bool = False) -> str:
+        """The link that opens this experiment's runs table (or chart view) in MLflow's UI."""
+        from .mlflow_ui import runs_url
+
+        return runs_url(self.tracking_uri, self.experiment_id, charts=charts)
+
+    def ui_lines(self) -> list[str]:
+        """Console lines: how to start the UI (for a database) and the link to the runs table."""
+        from .mlflow_ui import ui_lines
+
+        return ui_lines(self.tracking_uri, self.experiment_id)
 
     # ---------------------------------------------------------------- parent
 

@@ -53,15 +53,15 @@ def test_mlflow_holds_parent_children_epochs_and_artifacts(first_run):
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.params["retrain.l1"]
-    assert "compressed_test_top1" in parent_run.data.metrics
+    assert "test/top1" in parent_run.data.metrics  # MLflow names: pipeline/metric_names.py
     runs = read_runs(uri, "penni", parent)
     by_stage = {r["stage"]: r for r in runs}
     assert set(by_stage) == set(STAGES)
     assert all(r["status"] == "FINISHED" for r in runs)
     retrain = by_stage["retrain"]
-    history = client.get_metric_history(retrain["run_id"], "val_top1")
+    history = client.get_metric_history(retrain["run_id"], "val/top1")
     assert [m.step for m in history] == [0]  # tiny: one epoch, logged per epoch by rank 0
-    assert client.get_metric_history(retrain["run_id"], "sparsity")
+    assert client.get_metric_history(retrain["run_id"], "sparsity/coefficients")
     artifacts = {a.path for a in client.list_artifacts(by_stage["report"]["run_id"])}
     assert {"structure.md", "coefficients.png", "learning_curves.png"} <= artifacts
     assert {"model.safetensors"} <= {a.path for a in client.list_artifacts(by_stage["shrink"]["run_id"])}

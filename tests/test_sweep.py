@@ -77,7 +77,7 @@ def test_mlflow_parents_tagged_with_the_sweep(sweep):
         r = by_name[run]
         assert r.data.tags["penni.sweep_role"] == "trial"
         assert r.data.params["baseline.checkpoint"] == checkpoint and r.data.params["baseline.epochs"] == "0"
-        assert {"val_top1", "sparse_macs_reduction_pct", "compressed_test_top1"} <= set(r.data.metrics)
+        assert {"val/top1", "reduction/sparse_macs_pct", "test/top1"} <= set(r.data.metrics)
     base_children = read_runs(uri, "penni", by_name[RUNS[0]].info.run_id)
     assert [c["stage"] for c in base_children] == ["baseline"]
 

@@ -122,8 +122,8 @@ def test_parent_and_stage_runs(uri, store_dir, tmp_path):
     with tr.stage_run("baseline", params={"epochs": 2}) as sr:
         for epoch in range(3):
             sr.log_metrics({"train": {"loss": 1.0 / (epoch + 1)}, "val_top1": 0.1 * epoch}, step=epoch)
-        with pytest.warns(RuntimeWarning, match="non-numeric or non-finite"):
-            sr.log_metrics({"bad": float("nan"), "text": "hello", "ok": 1})
+        with pytest.warns(RuntimeWarning, match="'bad' \\(not finite\\)"):
+            sr.log_metrics({"bad": float("nan"), "text": "hello", "ok": 1, "epochs": 3})
         sr.set_tags({"penni.note": "hi"})
         art = tmp_path / "metrics.json"
         art.write_text("{}")
@@ -150,14 +150,17 @@ def test_parent_and_stage_runs(uri, store_dir, tmp_path):
     assert [r["name"] for r in runs] == ["baseline", "decompose"]
     assert all(r["status"] == "FINISHED" for r in runs)
     assert runs[0]["stage"] == "baseline" and runs[0]["params"] == {"epochs": "2"}
-    assert runs[0]["metrics"]["val_top1"] == pytest.approx(0.2)
+    assert runs[0]["metrics"]["val/top1"] == pytest.approx(0.2)
     assert runs[0]["metrics"]["ok"] == 1.0
     assert "bad" not in runs[0]["metrics"] and "text" not in runs[0]["metrics"]
     assert runs[0]["tags"]["penni.note"] == "hi"
+    # text and counters are tags, not metrics
+    assert runs[0]["tags"]["penni.text"] == "hello" and runs[0]["tags"]["penni.epochs"] == "3"
+    assert "epochs" not in runs[0]["metrics"]
     assert runs[1]["metrics"] == {"params": 1234.0}
 
-    hist = c.get_metric_history(baseline_id, "train.loss")
-    assert sorted((m.step, m.value) for m in hist) == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    hist = c.get_metric_history(baseline_id, "train/loss")
+    assert sorted((m.step, m.value) for m in hist) == [(0, 1.0), (1, 0.5), (2, 0.33333)]  # rounded
     child = c.get_run(baseline_id)
     assert child.data.tags["mlflow.parentRunId"] == pid
     assert child.data.tags["penni.stage"] == "baseline"
@@ -260,13 +263,13 @@ def test_epoch_logger_from_subprocess(uri, exp, tmp_path):
         subprocess.run([sys.executable, "-c", script], check=True, timeout=120, env=env)
         sr.log_metrics({"final": 1.0})
     c = _client(uri)
-    hist = c.get_metric_history(sr.run_id, "val.top1")
+    hist = c.get_metric_history(sr.run_id, "val/top1")
     assert [(m.step, round(m.value, 6)) for m in sorted(hist, key=lambda m: m.step)] == [
         (0, 0.5),
         (1, 0.6),
         (2, 0.7),
     ]
-    assert [m.step for m in c.get_metric_history(sr.run_id, "lr")] == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(sr.run_id, "train/lr")] == [0, 1, 2]
     assert c.get_run(sr.run_id).data.metrics["done"] == 1.0
     assert c.get_run(sr.run_id).info.status == "FINISHED"
 
@@ -309,3 +312,43 @@ def test_parent_run_context_manager(uri, exp):
                 assert t.parent_run_id == pid
                 raise error
         assert _client(uri).get_run(pid).info.status == status
+
+
+def test_metric_names_group_round_and_move_counters_to_tags():
+    from pipeline.metric_names import split_for_mlflow
+
+    epoch = {"epoch": 2, "epochs": 5, "lr": 0.1, "train_loss": 1.234567891, "val_top1": 0.13075782680736026,
+             "sparsity": 0.5, "epoch_seconds": 13.075782680736026, "replicas_in_sync": 1.0}
+    metrics, tags, dropped = split_for_mlflow(epoch, step=2)
+    assert metrics == {"train/lr": 0.1, "train/loss": 1.2346, "val/top1": 0.13076,
+                       "sparsity/coefficients": 0.5, "time/epoch_seconds": 13.076}
+    assert tags == {"penni.epochs": "5", "penni.replicas_in_sync": "1"} and dropped == []
+    evaluation = {"compressed_test_top1": 0.4, "compressed": {"test_top1": 0.4, "dense_macs": 7338880,
+                                                              "latency_mode_bs1": "all-dense"},
+                  "baseline": {"dense_macs": 9e6}, "dense_macs_reduction_pct": 18.46,
+                  "device": "cpu", "torch_threads": 2, "nan": float("nan")}
+    metrics, tags, dropped = split_for_mlflow(evaluation)
+    assert metrics == {"test/top1": 0.4, "cost/dense_macs": 7338880.0, "baseline/dense_macs": 9e6,
+                       "reduction/dense_macs_pct": 18.46}
+    assert tags == {"penni.compressed.latency_mode_bs1": "all-dense", "penni.device": "cpu",
+                    "penni.torch_threads": "2"}
+    assert dropped == ["nan"]
+
+
+def test_experiment_opens_in_the_runs_view_with_penni_columns(uri, exp):
+    import json
+
+    tr = Tracker(uri, exp, "r")
+    tags = _client(uri).get_experiment(tr.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.penni-runs"])
+    assert "metrics.`val/top1`" in view["selectedColumns"] and "tags.`penni.config`" in view["selectedColumns"]
+    url = tr.ui_url()
+    assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{tr.experiment_id}/runs?")
+    assert "workflowType=machine_learning" in url and "viewStateShareKey=penni-runs" in url
+    assert "compareRunsMode=CHART" in tr.ui_url(charts=True)
+    assert tr.ui_lines()[0].startswith(f"MLflow: mlflow ui --backend-store-uri {uri}")
+    # an experiment made without the tags (older penni, by hand) gets them on the next run
+    _client(uri).delete_experiment_tag(tr.experiment_id, "mlflow.experimentKind")
+    Tracker(uri, exp, "r")
+    assert _client(uri).get_experiment(tr.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
