@@ -11,15 +11,17 @@ stages fan out to Ray Train from the driver.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import STAGES, PipelineConfig, flatten, from_dict, section_fingerprint, to_dict
+from .config import PipelineConfig, flatten, from_dict, section_fingerprint, to_dict
 from .distributed import TrainJob, run_training, training_run_name
-from .stages import STAGE_FUNCTIONS, STAGE_INPUTS, TRAINING_STAGES, StageContext
+from .stage_table import STAGE_INPUTS, STAGES, TRAINING_STAGES, stage_function
+from .stages import StageContext
 from .storage import RunStore, fingerprint
 
 
@@ -62,7 +64,7 @@ def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: 
 
         ctx = StageContext(cfg=cfg, stage=stage, inputs=inputs, out_dir=out_dir, train=train,
                            tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
-        metrics = STAGE_FUNCTIONS[stage](ctx)
+        metrics = stage_function(stage)(ctx)
         return store.commit_stage(stage, out_dir, stage_fingerprint, metrics)
 
 
@@ -129,7 +131,8 @@ class Pipeline:
 
     def _attempt(self, stage: str) -> dict:
         args = (to_dict(self.cfg), stage, self.fingerprints[stage], self.cfg.storage, self.cfg.name, self.use_ray)
-        context = self.tracker.stage_run(stage, params=_stage_params(self.cfg, stage)) if self.tracker else _null()
+        context = (self.tracker.stage_run(stage, params=_stage_params(self.cfg, stage)) if self.tracker
+                   else contextlib.nullcontext())
         with context as run:
             tracking = (self.tracker.tracking_uri, run.run_id) if run is not None else (None, None)
             if self.use_ray and stage not in TRAINING_STAGES:
@@ -155,14 +158,6 @@ def _fails_the_same_way(err: BaseException) -> bool:
     the same way on a retry, also when raised in a Ray task (its ``cause``) or a Ray Train worker."""
     causes = [err, getattr(err, "cause", None), *(getattr(err, "worker_failures", None) or {}).values()]
     return any(isinstance(e, (ValueError, TypeError, KeyError)) for e in causes)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _stage_params(cfg: PipelineConfig, stage: str) -> dict:

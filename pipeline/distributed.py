@@ -1,33 +1,29 @@
 """Data-parallel training of one stage: on Ray Train workers, or in this process without Ray.
 
-``training_loop(config)`` is the per-worker function. ``RayWorld`` adapts it to Ray Train V2
-(``ray.train.report`` with a checkpoint every epoch, resumption through
-``ray.train.get_checkpoint()``, DDP through ``prepare_model``); ``LocalWorld`` runs the same
-loop in-process (GPU machines without Ray, debugging, unit tests), checkpointing to a local
-directory so an interrupted stage resumes there too.
+``training_loop(job)`` is the per-worker function and reads top to bottom like torchvision's
+``references/classification/train.py``: ``set_up`` (data, model, optimizer, resume), then per epoch
+``train_epoch``, ``evaluate_epoch``, ``check_replicas``, ``keep_best``, ``report_epoch`` and
+``save_checkpoint``. What a stage adds to the generic loop (L1 and group lasso, the alternating
+schedule, a distillation teacher) comes in explicitly with the job (``StageTraining``), filled by
+the stage function; the loop never looks at the stage's name.
 
-Every checkpoint directory carries ``checksums.json`` (the sha256 of each of its files, written
-before the checkpoint is reported); resuming verifies it and discards a checkpoint that fails
-(one warning line), falling back to an older checkpoint of the run or to the stage input. The run
-directory is keyed by ``training_run_name``: the stage's fingerprint and the content hash of its
-input model, so an upstream stage that produced different weights is never resumed into.
+The run directory is keyed by ``training_run_name``: the stage's fingerprint and the content hash of
+its input model, so an upstream stage that produced different weights is never resumed into.
+Checkpoints and their verification: ``pipeline.checkpoints``; where the loop runs: ``pipeline.worlds``.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
-import json
 import os
-import posixpath
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import penni
@@ -35,16 +31,16 @@ from penni.serialization import load, load_state, save
 
 from . import console
 from . import train as T
+from .checkpoints import (BEST_FILE, CHECKSUMS_FILE, HISTORY_FILE, MODEL_FILE, STATE_FILE, checkpoint_problem,
+                          read_training_state, verified, write_checkpoint)
 from .config import from_dict
 from .data import build_datasets, make_loader
 from .storage import fingerprint, sha256_file
+from .worlds import LocalWorld, RayWorld
 
-MODEL_FILE = "model.safetensors"
-BEST_FILE = "best.safetensors"
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
-CHECKSUMS_FILE = "checksums.json"
-REQUIRED_FILES = (MODEL_FILE, STATE_FILE, HISTORY_FILE)
+__all__ = ["BEST_FILE", "CHECKSUMS_FILE", "HISTORY_FILE", "MODEL_FILE", "STATE_FILE", "Distillation", "LocalWorld",
+           "RayWorld", "StageTraining", "TrainJob", "checkpoint_problem", "replica_digest", "run_training",
+           "training_loop", "training_run_name"]
 
 
 def training_run_name(stage: str, stage_fingerprint: str, input_model: str | os.PathLike | None) -> str:
@@ -54,150 +50,287 @@ def training_run_name(stage: str, stage_fingerprint: str, input_model: str | os.
     return f"{stage}-{fingerprint(stage_fingerprint, content)[:12]}"
 
 
-def write_checksums(directory: Path) -> None:
-    """Record the sha256 of every file of a checkpoint directory in ``checksums.json`` (written last)."""
-    files = {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir())
-             if p.is_file() and p.name != CHECKSUMS_FILE}
-    (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True))
+@dataclass
+class Distillation:
+    """Learn also from a frozen teacher's temperature-softened outputs (``T.distillation_loss``)."""
+
+    teacher_model: str      # penni checkpoint of the teacher
+    temperature: float
+    weight: float           # of the KL term; the label loss gets 1 - weight
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why the checkpoint in ``directory`` must not be resumed from (None when every file matches)."""
-    directory = Path(directory)
+@dataclass
+class StageTraining:
+    """What a training stage adds to the generic loop; filled by its stage function (``pipeline.stages``)."""
+
+    l1: float = 0.0                       # L1 on the coefficients
+    group_l1: float = 0.0                 # group lasso per output channel
+    include_pointwise: bool = False       # 1x1 convs count in penalties and sparsity
+    log_penalties: bool = False           # per-epoch train_objective, l1_penalty, group_l1_penalty
+    alternate_every: int | None = None    # basis and coefficients learn in alternation (None: all every epoch)
+    start_with: str = "coefficients"
+    distillation: Distillation | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageTraining":
+        teacher = d.get("distillation")
+        return cls(**{**d, "distillation": Distillation(**teacher) if teacher else None})
+
+
+@dataclass
+class TrainJob:
+    """What a training stage asks the loop to do (all plain data: it crosses process boundaries)."""
+
+    stage: str                     # the config section with its optimizer, epochs, ... ("baseline", "finetune", ...)
+    config: dict                   # the whole pipeline config as a dict
+    input_model: str | None        # penni checkpoint to start from (None: build from the config)
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    training: StageTraining = field(default_factory=StageTraining)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainJob":
+        return cls(**{**d, "training": StageTraining.from_dict(d.get("training") or {})})
+
+
+@dataclass
+class TrainingRun:
+    """What one worker's loop holds from epoch to epoch."""
+
+    job: TrainJob
+    cfg: Any
+    tcfg: Any                      # the stage's config section
+    world: Any                     # LocalWorld or RayWorld
+    hw: T.Hardware
+    splits: Any
+    model: nn.Module               # prepared: DDP-wrapped on Ray Train
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    best_copy: Path                # the best-on-validation model so far (rank 0)
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"epoch": -1, "val_top1": -1.0})
+    history: list = field(default_factory=list)
+    schedule: penni.AlternatingSchedule | None = None
+    teacher: T.Teacher | None = None
+    val_batches: Iterable = ()
+    logger: Any = None
+
+    @property
+    def plain_model(self) -> nn.Module:
+        return penni.unwrap_model(self.model)
+
+
+def training_loop(job_dict: dict, world: Any = None) -> dict:
+    """Train one stage; returns ``{"history": [...], "best": {...}, "start_epoch": i}`` (rank 0's view).
+
+    Checkpoints every epoch (model with masks, optimizer, LR schedule, epoch, best-so-far), so a
+    restarted worker group or a re-run of the same stage continues where it stopped.
+    """
+    run = set_up(TrainJob.from_dict(job_dict), world or RayWorld())
+    for epoch in range(run.start_epoch, run.tcfg.epochs):
+        _maybe_inject_failure(run.job.stage, epoch)
+        started = time.perf_counter()
+        phase, metrics, objective = train_epoch(run, epoch)
+        metrics.update(evaluate_epoch(run))
+        metrics["sparsity"] = penni.coefficient_sparsity(run.plain_model, run.job.training.include_pointwise)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        metrics.update(check_replicas(run, epoch))
+        metrics.update(penalties(run, objective))
+        keep_best(run, epoch, metrics)
+        run.history.append({**metrics, "phase": phase})
+        report_epoch(run, epoch, metrics, phase)
+        save_checkpoint(run, epoch, metrics)
+    shutil.rmtree(run.best_copy.parent, ignore_errors=True)
+    return {"history": run.history, "best": run.best, "start_epoch": run.start_epoch}
+
+
+def set_up(job: TrainJob, world: Any) -> TrainingRun:
+    """Data, model (from the stage input, or the latest good checkpoint), optimizer and LR schedule."""
+    cfg = from_dict(job.config)
+    tcfg = getattr(cfg, job.stage)
+    world.stage = job.stage
+    splits = build_datasets(cfg.data, seed=cfg.seed)
+    T.check_trainable(cfg, splits, num_workers=world.world_size)
+    model = _initial_model(job, cfg)
+    hw = T.resolve_hardware(tcfg, world.device)
+    resume_dir = world.latest_checkpoint()
+    best_copy = Path(tempfile.mkdtemp(prefix="penni-best-")) / BEST_FILE
+    if resume_dir is not None:
+        load_state(model, resume_dir / MODEL_FILE)
+        if (resume_dir / BEST_FILE).exists():
+            shutil.copy2(resume_dir / BEST_FILE, best_copy)
+    model = world.prepare_model(_placed(model, hw))  # DDP wraps the final structure; the optimizer is built after it
+    optimizer = T.build_optimizer(model, tcfg)
+    run = TrainingRun(job, cfg, tcfg, world, hw, splits, model, optimizer, T.build_scheduler(optimizer, tcfg),
+                      best_copy)
+    if resume_dir is not None:
+        _resume(run, resume_dir)
+    extras = job.training
+    if extras.alternate_every:
+        run.schedule = penni.AlternatingSchedule(extras.alternate_every, extras.start_with)
+    if extras.distillation is not None:
+        run.teacher = _teacher(extras.distillation, hw)
+    run.val_batches = evaluation_batches(run)
+    if world.rank == 0 and job.tracking_uri and job.mlflow_run_id:
+        from .tracking import EpochLogger
+
+        run.logger = EpochLogger(job.tracking_uri, job.mlflow_run_id)
+    return run
+
+
+def _initial_model(job: TrainJob, cfg: Any) -> nn.Module:
+    if job.input_model:
+        return load(job.input_model)
+    torch.manual_seed(cfg.seed)
+    return T.model_from_config(cfg.model)
+
+
+def _placed(model: nn.Module, hw: T.Hardware) -> nn.Module:
+    model = model.to(hw.device)
+    return model.to(memory_format=torch.channels_last) if hw.channels_last else model
+
+
+def _resume(run: TrainingRun, resume_dir: Path) -> None:
+    """Optimizer, LR schedule, next epoch, best-so-far and history from a verified checkpoint."""
+    state, run.history = read_training_state(resume_dir)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.start_epoch, run.best = state["epoch"] + 1, state["best"]
+    if run.world.rank == 0:
+        console.report_line(f"[{run.job.stage}] resuming from epoch {run.start_epoch} (checkpoint {resume_dir})")
+
+
+def _teacher(distillation: Distillation, hw: T.Hardware) -> T.Teacher:
+    """The frozen teacher on this worker's device, in eval mode."""
+    model = _placed(load(distillation.teacher_model).eval(), hw)
+    model.requires_grad_(False)
+    return T.Teacher(model, distillation.temperature, distillation.weight)
+
+
+def _shard(dataset, rank: int, world_size: int):
+    """Every ``world_size``-th sample from ``rank``: disjoint, exact shards for evaluation."""
+    if world_size == 1:
+        return dataset
+    return torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size)))
+
+
+def training_batches(run: TrainingRun, epoch: int) -> Iterable:
+    """This worker's training batches of ``epoch`` (a shuffled, epoch-seeded shard of the training split)."""
+    cfg, world = run.cfg, run.world
+    if world.world_size == 1:
+        return make_loader(run.splits.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.loader_workers,
+                           seed=cfg.seed * 1000 + epoch, drop_last=True)
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        run.splits.train, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(run.splits.train, batch_size=cfg.data.batch_size, sampler=sampler,
+                                       num_workers=cfg.data.loader_workers, drop_last=True,
+                                       pin_memory=world.device.type == "cuda")
+
+
+def evaluation_batches(run: TrainingRun) -> Iterable:
+    """This worker's exact shard of the validation split, in order."""
+    cfg, world = run.cfg, run.world
+    return make_loader(_shard(run.splits.val, world.rank, world.world_size), cfg.data.eval_batch_size,
+                       shuffle=False, workers=cfg.data.loader_workers)
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
+    """One pass over this epoch's batches and an LR-schedule step: ``(phase, metrics, mean objective)``,
+    the metrics summed over all ranks."""
+    # augmentation draws from the global generator: seed it per (epoch, rank) so an epoch is the same
+    # whether or not it follows a resume, or other work in this process
+    torch.manual_seed(run.cfg.seed * 100_003 + epoch * 101 + run.world.rank)
+    batches = training_batches(run, epoch)
+    phase = run.schedule.start_epoch(run.model, run.optimizer, epoch) if run.schedule else "all"
+    lr = run.optimizer.param_groups[0]["lr"]
+    extras, stage = run.job.training, run.job.stage
+    progress = None
+    if run.world.rank == 0:
+        def progress(done: int, total: int, images: int, seconds: float) -> None:
+            console.report_batches(stage, epoch, run.tcfg.epochs, done, total, images, seconds)
     try:
-        listed = json.loads((directory / CHECKSUMS_FILE).read_text())["sha256"]
-    except FileNotFoundError:
-        return f"it has no {CHECKSUMS_FILE}"
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        return f"its {CHECKSUMS_FILE} is unreadable ({type(err).__name__})"
-    if not isinstance(listed, dict):
-        return f"its {CHECKSUMS_FILE} is unreadable (not a mapping)"
-    missing = [name for name in REQUIRED_FILES if name not in listed]
-    if missing:
-        return f"its {CHECKSUMS_FILE} does not list {', '.join(missing)}"
-    for name, digest in sorted(listed.items()):
-        path = directory / name
-        if os.sep in name or name in ("", ".", "..") or not path.is_file():
-            return f"{name} is missing"
-        if sha256_file(path) != digest:
-            return f"{name} does not match its sha256"
-    return None
+        m = T.train_one_epoch(run.model, batches, run.optimizer, run.hw, epoch=epoch, l1=extras.l1,
+                              group_l1=extras.group_l1, include_pointwise=extras.include_pointwise,
+                              schedule=run.schedule, label_smoothing=run.tcfg.label_smoothing, teacher=run.teacher,
+                              progress=progress)
+    except T.NonFiniteLossError as err:
+        raise T.NonFiniteLossError(f"[{stage}] {err}: {T.non_finite_loss_advice(stage, run.tcfg)}") from None
+    run.scheduler.step()
+    n = m["train_samples"]
+    ce, top1, objective, count = run.world.all_reduce(torch.tensor(
+        [m["train_ce"] * n, m["train_top1"] * n, m["train_loss"] * n, n], dtype=torch.float64)).tolist()
+    if count == 0:
+        raise T.TrainingError(f"[{stage}] epoch {epoch} saw no training batch ({len(run.splits.train)} images, "
+                              f"data.batch_size={run.cfg.data.batch_size}, {run.world.world_size} worker(s)): "
+                              "lower data.batch_size or raise data.train_subset")
+    # train_loss is the cross-entropy, comparable with val_loss; the objective adds penalties / distillation
+    return phase, {"epoch": epoch, "lr": lr, "train_loss": ce / count, "train_top1": top1 / count}, objective / count
 
 
-def first_good_checkpoint(stage: str, candidates: list[tuple[str, Callable[[], Path]]], rank: int) -> Path | None:
-    """The local directory of the first of ``candidates`` (``(where it is stored, open it)``, newest first)
-    that passes ``checkpoint_problem``; rank 0 prints one warning line per checkpoint it discards."""
-    discarded: list[tuple[str, str]] = []
-    chosen = None
-    for where, open_directory in candidates:
-        directory = Path(open_directory())
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            chosen = (where, directory)
-            break
-        discarded.append((where, problem))
-    if rank == 0:
-        fallback = f"checkpoint {chosen[0]}" if chosen is not None else "the stage input"
-        for where, problem in discarded:
-            console.report_line(f"[{stage}] warning: discarding checkpoint {where}: {problem}; resuming from {fallback}")
-    return chosen[1] if chosen is not None else None
+def evaluate_epoch(run: TrainingRun) -> dict:
+    """Validation loss, top-1 and top-5 over every rank's shard."""
+    return T.counts_to_metrics(run.world.all_reduce(T.evaluate_counts(run.model, run.val_batches, run.hw)), "val")
 
 
-class LocalWorld:
-    """A world of one process; checkpoints go to ``checkpoint_dir`` (resumable)."""
-
-    def __init__(self, checkpoint_dir: Path, use_gpu: bool, stage: str = "train") -> None:
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.stage = stage
-        self.rank, self.world_size = 0, 1
-        want_gpu = use_gpu and torch.cuda.is_available()
-        self.device = torch.device("cuda" if want_gpu else "cpu")
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def latest_checkpoint(self) -> Path | None:
-        """``latest``, else ``previous`` (the one before it), whichever first passes its checksums."""
-        candidates = [self.checkpoint_dir / name for name in ("latest", "previous")]
-        return first_good_checkpoint(self.stage, [(str(c), lambda c=c: c) for c in candidates if c.is_dir()],
-                                     self.rank)
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Commit ``checkpoint_dir`` as ``latest``, keeping the one before as ``previous``."""
-        if checkpoint_dir is None:
-            return
-        target, previous = self.checkpoint_dir / "latest", self.checkpoint_dir / "previous"
-        staging = self.checkpoint_dir / f"latest.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, staging)
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        staging.rename(target)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+def check_replicas(run: TrainingRun, epoch: int) -> dict:
+    """Data-parallel only: every rank's ``replica_digest``; raises if DDP let the replicas drift apart."""
+    if run.world.world_size == 1:
+        return {}
+    digests = gather_digests(run.world, run.model)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"[{run.job.stage}] data-parallel replicas diverged at epoch {epoch}: digests {digests}")
+    return {"replicas_in_sync": 1.0, "replica_digests": digests}
 
 
-class RayWorld:
-    """One Ray Train worker of a data-parallel group (gloo on CPU, NCCL on GPU)."""
+def penalties(run: TrainingRun, objective: float) -> dict:
+    """The objective (cross-entropy + penalties) and the penalties themselves, where the stage logs them."""
+    extras = run.job.training
+    if not extras.log_penalties:
+        return {}
+    with torch.no_grad():
+        return {"train_objective": objective,
+                "l1_penalty": float(penni.l1_penalty(run.plain_model, extras.include_pointwise)),
+                "group_l1_penalty": float(penni.group_l1_penalty(run.plain_model,
+                                                                 include_pointwise=extras.include_pointwise))}
 
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
 
-        self._train = ray.train
-        self._torch = ray.train.torch
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.stage = "train"
-        self._opened = contextlib.ExitStack()  # checkpoint directories stay open for this worker's life
+def keep_best(run: TrainingRun, epoch: int, metrics: dict) -> None:
+    """Remember the best epoch on validation (rank 0 keeps a copy of its model)."""
+    if metrics["val_top1"] > run.best["val_top1"]:
+        run.best = {"epoch": epoch, "val_top1": metrics["val_top1"]}
+        if run.world.rank == 0:
+            save(run.plain_model, run.best_copy, verify=False)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return self._torch.prepare_model(model)
 
-    def latest_checkpoint(self) -> Path | None:
-        """Ray Train's latest checkpoint, else the older ones kept in the run directory (newest first),
-        whichever first passes its checksums; None (start from the stage input) if none does."""
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        candidates = [checkpoint, *self._older_checkpoints(checkpoint)]
-        return first_good_checkpoint(
-            self.stage, [(c.path, lambda c=c: self._opened.enter_context(c.as_directory())) for c in candidates],
-            self.rank)
+def report_epoch(run: TrainingRun, epoch: int, metrics: dict, phase: str) -> None:
+    """Rank 0: one console line, and the metrics to the stage's MLflow run."""
+    if run.world.rank != 0:
+        return
+    console.report_epoch(run.job.stage, epoch, run.tcfg.epochs, {**metrics, "phase": phase})
+    if run.logger is not None:
+        run.logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
 
-    def _older_checkpoints(self, latest) -> list:
-        """The other ``checkpoint_*`` directories beside ``latest`` that are older (names are timestamps)."""
-        import pyarrow.fs
-        from ray.train import Checkpoint
 
-        run_dir, name = posixpath.split(latest.path.rstrip("/"))
-        entries = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-        older = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
-                        and e.base_name.startswith("checkpoint_") and e.base_name < name), reverse=True)
-        return [Checkpoint(posixpath.join(run_dir, n), filesystem=latest.filesystem) for n in older]
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        from ray.train import Checkpoint
-
-        checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        self._train.report(metrics, checkpoint=checkpoint)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            on_device = t.to(self.device)
-            dist.all_reduce(on_device)
-            return on_device.cpu()
-        return t
+def save_checkpoint(run: TrainingRun, epoch: int, metrics: dict) -> None:
+    """Every rank reports (a barrier in Ray Train); rank 0 attaches the checkpoint directory."""
+    with tempfile.TemporaryDirectory(prefix="penni-ckpt-") as tmp:
+        directory = None
+        if run.world.rank == 0:
+            directory = Path(tmp)
+            write_checkpoint(directory, run.plain_model, run.optimizer, run.scheduler, epoch, run.best, run.history,
+                             run.best_copy)
+        run.world.report(metrics, directory)
 
 
 def replica_digest(model: nn.Module) -> int:
     """A 63-bit digest of every parameter and buffer's bytes (basis included): equal on all
     replicas iff DDP kept them bit-identical."""
     h = hashlib.sha256()
-    for name, tensor in sorted(unwrap(model).state_dict().items()):
+    for name, tensor in sorted(penni.unwrap_model(model).state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "big") >> 1
@@ -210,174 +343,6 @@ def gather_digests(world, model: nn.Module) -> list[int]:
     return [int(v) for v in world.all_reduce(mine)]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
-
-@dataclass
-class TrainJob:
-    """What a training stage asks the loop to do (all plain data: it crosses process boundaries)."""
-
-    stage: str                     # "baseline" | "retrain" | "finetune"
-    config: dict                   # the whole pipeline config as a dict
-    input_model: str | None        # penni checkpoint to start from (None: build from the config)
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _stage_section(cfg: Any, stage: str) -> Any:
-    return getattr(cfg, stage)
-
-
-def _initial_model(job: TrainJob, cfg: Any) -> nn.Module:
-    if job.input_model:
-        return load(job.input_model)
-    from penni.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.arch, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
-                       **cfg.model.kwargs)
-
-
-def _shard(dataset, rank: int, world_size: int):
-    """Every ``world_size``-th sample from ``rank``: disjoint, exact shards for evaluation."""
-    if world_size == 1:
-        return dataset
-    return torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size)))
-
-
-def _train_loader(dataset, cfg, world, epoch_seed: int):
-    sampler = None
-    if world.world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            dataset, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    if sampler is None:
-        return make_loader(dataset, cfg.data.batch_size, shuffle=True, workers=cfg.data.loader_workers,
-                           seed=epoch_seed, drop_last=True), None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
-                                         num_workers=cfg.data.loader_workers, drop_last=True,
-                                         pin_memory=world.device.type == "cuda")
-    return loader, sampler
-
-
-def training_loop(job_dict: dict, world: Any = None) -> dict:
-    """Train one stage; returns ``{"history": [...], "best_epoch": i}`` (rank 0's view).
-
-    Checkpoints every epoch (model with masks, optimizer, LR schedule, epoch, best-so-far),
-    so a restarted worker group or a re-run of the same stage continues where it stopped.
-    """
-    job = TrainJob(**job_dict)
-    cfg = from_dict(job.config)
-    world = world or RayWorld()
-    tcfg = _stage_section(cfg, job.stage)
-
-    world.stage = job.stage
-    splits = build_datasets(cfg.data, seed=cfg.seed)
-    T.check_trainable(cfg, splits, num_workers=world.world_size)
-    model = _initial_model(job, cfg)
-    hw = T.resolve_hardware(tcfg, world.device)
-    history: list[dict] = []
-    start_epoch, best = 0, {"epoch": -1, "val_top1": -1.0}
-    resume_dir = world.latest_checkpoint()
-    best_copy = Path(tempfile.mkdtemp(prefix="penni-best-")) / BEST_FILE  # best-on-validation model so far
-    if resume_dir is not None:
-        load_state(model, resume_dir / MODEL_FILE)
-        if (resume_dir / BEST_FILE).exists():
-            shutil.copy2(resume_dir / BEST_FILE, best_copy)
-    model = model.to(world.device)
-    if hw.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = world.prepare_model(model)  # DDP wraps the final structure; the optimizer is built after it
-    optimizer = T.build_optimizer(model, tcfg)
-    scheduler = T.build_scheduler(optimizer, tcfg)
-    if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
-        history = json.loads((resume_dir / HISTORY_FILE).read_text())
-        if world.rank == 0:
-            console.report_line(f"[{job.stage}] resuming from epoch {start_epoch} (checkpoint {resume_dir})")
-
-    retraining = job.stage == "retrain"
-    schedule = penni.AlternatingSchedule(tcfg.alternate_every, tcfg.start_with) if retraining else None
-    l1 = tcfg.l1 if retraining else 0.0
-    group_l1 = getattr(tcfg, "group_l1", 0.0) if retraining else 0.0
-    include_pointwise = bool(getattr(tcfg, "include_pointwise", False))
-
-    val_loader = make_loader(_shard(splits.val, world.rank, world.world_size), cfg.data.eval_batch_size,
-                             shuffle=False, workers=cfg.data.loader_workers)
-    logger = None
-    if world.rank == 0 and job.tracking_uri and job.mlflow_run_id:
-        from .tracking import EpochLogger
-
-        logger = EpochLogger(job.tracking_uri, job.mlflow_run_id)
-
-    for epoch in range(start_epoch, tcfg.epochs):
-        _maybe_inject_failure(job.stage, epoch)
-        # augmentation draws from the global generator: seed it per (epoch, rank) so an epoch is
-        # the same whether or not it follows a resume, or other work in this process
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + world.rank)
-        t0 = time.perf_counter()
-        loader, sampler = _train_loader(splits.train, cfg, world, cfg.seed * 1000 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        phase = schedule.start_epoch(model, optimizer, epoch) if schedule else "all"
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            train_m = T.train_one_epoch(model, loader, optimizer, hw, epoch=epoch, l1=l1, group_l1=group_l1,
-                                        include_pointwise=include_pointwise, schedule=schedule,
-                                        label_smoothing=tcfg.label_smoothing)
-        except T.NonFiniteLossError as err:
-            raise T.NonFiniteLossError(f"[{job.stage}] {err}: {T.non_finite_loss_advice(job.stage, tcfg)}") from None
-        scheduler.step()
-        n = train_m["train_samples"]
-        train_counts = world.all_reduce(torch.tensor(
-            [train_m["train_ce"] * n, train_m["train_top1"] * n, train_m["train_loss"] * n, n], dtype=torch.float64))
-        if train_counts[3] == 0:
-            raise T.TrainingError(f"[{job.stage}] epoch {epoch} saw no training batch ({len(splits.train)} images, "
-                                  f"data.batch_size={cfg.data.batch_size}, {world.world_size} worker(s)): "
-                                  "lower data.batch_size or raise data.train_subset")
-        val_m = T.counts_to_metrics(world.all_reduce(T.evaluate_counts(model, val_loader, hw)), "val")
-        metrics = {
-            "epoch": epoch, "lr": lr,
-            "train_loss": float(train_counts[0] / train_counts[3]),  # cross-entropy: comparable with val_loss
-            "train_top1": float(train_counts[1] / train_counts[3]),
-            **val_m,
-            "sparsity": penni.coefficient_sparsity(unwrap(model), include_pointwise),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        if world.world_size > 1:
-            digests = gather_digests(world, model)
-            metrics["replicas_in_sync"] = float(len(set(digests)) == 1)
-            metrics["replica_digests"] = digests
-            if len(set(digests)) != 1:
-                raise RuntimeError(f"[{job.stage}] data-parallel replicas diverged at epoch {epoch}: digests {digests}")
-        if job.stage == "retrain":
-            metrics["train_objective"] = float(train_counts[2] / train_counts[3])  # cross-entropy + l1 * |coefficients|
-            with torch.no_grad():
-                metrics["l1_penalty"] = float(penni.l1_penalty(unwrap(model), include_pointwise))
-                metrics["group_l1_penalty"] = float(penni.group_l1_penalty(unwrap(model), include_pointwise=include_pointwise))
-        if metrics["val_top1"] > best["val_top1"]:
-            best = {"epoch": epoch, "val_top1": metrics["val_top1"]}
-            if world.rank == 0:
-                save(unwrap(model), best_copy, verify=False)
-        history.append({**metrics, "phase": phase})
-        if world.rank == 0:
-            console.report_epoch(job.stage, epoch, tcfg.epochs, {**metrics, "phase": phase})
-            if logger is not None:
-                logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
-        _checkpoint(world, unwrap(model), optimizer, scheduler, epoch, best, history, metrics, best_copy)
-    shutil.rmtree(best_copy.parent, ignore_errors=True)
-    return {"history": history, "best": best, "start_epoch": start_epoch}
-
-
 def _maybe_inject_failure(stage: str, epoch: int) -> None:
     """Fault injection for resume tests: ``PENNI_FAIL_ONCE=<stage>:<epoch>:<marker file>`` makes the
     first attempt to start that epoch fail (the marker file records that it did)."""
@@ -388,24 +353,6 @@ def _maybe_inject_failure(stage: str, epoch: int) -> None:
     if (stage, str(epoch)) == (want_stage, want_epoch) and not os.path.exists(marker):
         Path(marker).write_text("failed once")
         raise RuntimeError(f"injected failure at {stage} epoch {epoch} (PENNI_FAIL_ONCE)")
-
-
-def _checkpoint(world, model, optimizer, scheduler, epoch, best, history, metrics, best_copy: Path) -> None:
-    """Every rank reports (a barrier in Ray Train); rank 0 attaches the checkpoint directory."""
-    with tempfile.TemporaryDirectory(prefix="penni-ckpt-") as tmp:
-        directory = None
-        if world.rank == 0:
-            directory = Path(tmp)
-            save(model, directory / MODEL_FILE, verify=False)
-            if best_copy.exists():
-                shutil.copy2(best_copy, directory / BEST_FILE)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch, "best": best}, directory / STATE_FILE)
-            (directory / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-            write_checksums(directory)  # before the report: a checkpoint is never visible without them
-        world.report(metrics, directory)
-
-
 def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[str, Any],
                  num_workers: int, use_gpu: bool, cpus_per_worker: float, max_failures: int,
                  local_dir: Path, callbacks: list | None = None) -> tuple[Path, dict]:
@@ -419,7 +366,7 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
     if not use_ray:
         world = LocalWorld(local_dir / run_name, use_gpu, job.stage)
         result = training_loop(job.to_dict(), world)
-        return _verified(world.checkpoint_dir / "latest", run_name), result
+        return verified(world.checkpoint_dir / "latest", run_name), result
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -446,16 +393,7 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
     target = local_dir / run_name / "final"
     shutil.rmtree(target, ignore_errors=True)
     result.checkpoint.to_directory(str(target))
-    return _verified(target, run_name), result.return_value or {}
-
-
-def _verified(directory: Path, run_name: str) -> Path:
-    """``directory`` if its checksums match; a checkpoint that changed after training is never published."""
-    problem = checkpoint_problem(directory)
-    if problem is not None:
-        raise RuntimeError(f"the final checkpoint of training run {run_name} ({directory}) failed verification: "
-                           f"{problem}; re-run to train it again")
-    return directory
+    return verified(target, run_name), result.return_value or {}
 
 
 def _training_error_inside(err: BaseException) -> T.TrainingError | None:

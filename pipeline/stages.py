@@ -20,31 +20,20 @@ from torch import nn
 import penni
 from penni.decompose import is_decomposable
 from penni.compare import compare as profile_compare
-from penni.models import build_model, load_weights
+from penni.models import load_weights
 from penni.serialization import PenniFormatError, load, save
 
 from . import console
 from . import train as T
+from .checkpoints import BEST_FILE, HISTORY_FILE, MODEL_FILE
 from .config import PipelineConfig, to_dict
 from .data import build_datasets, example_batch, make_loader
-from .distributed import BEST_FILE, HISTORY_FILE, MODEL_FILE, TrainJob
-
-TRAINING_STAGES = ("baseline", "retrain", "finetune")
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "baseline": (),
-    "decompose": ("baseline",),
-    "retrain": ("decompose",),
-    "prune": ("retrain",),
-    "finetune": ("prune",),
-    "shrink": ("finetune",),
-    "evaluate": ("baseline", "shrink"),
-    "report": ("baseline", "decompose", "retrain", "prune", "finetune", "shrink", "evaluate"),
-}
+from .distributed import Distillation, StageTraining, TrainJob
 
 
 @dataclass
 class StageContext:
-    """Everything a stage function needs; built by the DAG."""
+    """Everything a stage function needs; built by the DAG (what a stage reads: ``pipeline.stage_table``)."""
 
     cfg: PipelineConfig
     stage: str
@@ -53,7 +42,7 @@ class StageContext:
     train: Callable[[TrainJob], tuple[Path, dict]] | None = None
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    log: Callable[[str], None] = field(default=print)
+    log: Callable[[str], None] = field(default=console.report_line)
 
     def input_model(self, stage: str) -> Path:
         return self.inputs[stage] / MODEL_FILE
@@ -74,10 +63,13 @@ def _val_accuracy(model: nn.Module, cfg: PipelineConfig, splits=None) -> float:
     return T.evaluate(model.to(hw.device), loader, hw)["val_top1"]
 
 
-def _run_training(ctx: StageContext, input_model: Path | None, select: str) -> dict:
-    """Train through ``ctx.train``; copy the selected model (best on validation, or last) out."""
+def _run_training(ctx: StageContext, input_model: Path | None, select: str,
+                  training: StageTraining | None = None) -> dict:
+    """Train through ``ctx.train`` (with what this stage adds to the loop); copy the selected model
+    (best on validation, or last) out."""
     job = TrainJob(stage=ctx.stage, config=to_dict(ctx.cfg), input_model=str(input_model) if input_model else None,
-                   tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id)
+                   tracking_uri=ctx.tracking_uri, mlflow_run_id=ctx.mlflow_run_id,
+                   training=training or StageTraining())
     checkpoint_dir, result = ctx.train(job)
     history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
     chosen = checkpoint_dir / (BEST_FILE if select == "best" and (checkpoint_dir / BEST_FILE).exists() else MODEL_FILE)
@@ -100,9 +92,9 @@ def run_baseline(ctx: StageContext) -> dict:
         try:
             model = load(bcfg.checkpoint)
         except PenniFormatError:
-            model = load_weights(_build(cfg), bcfg.checkpoint)
+            model = load_weights(T.model_from_config(cfg.model), bcfg.checkpoint)
     elif cfg.model.weights:
-        model = load_weights(_build(cfg), cfg.model.weights)
+        model = load_weights(T.model_from_config(cfg.model), cfg.model.weights)
     else:
         model = None
     if model is not None:
@@ -120,28 +112,31 @@ def run_baseline(ctx: StageContext) -> dict:
     return metrics
 
 
-def _build(cfg: PipelineConfig) -> nn.Module:
-    return build_model(cfg.model.arch, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
-                       **cfg.model.kwargs)
-
-
 def run_decompose(ctx: StageContext) -> dict:
     """SVD-initialized PenniConv2d layers (d per layer), with the kernel approximation error."""
     model = load(ctx.input_model("baseline"))
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_decomposable(m)}
     penni.decompose(model, d=ctx.cfg.decompose.d, exclude=ctx.cfg.decompose.exclude)
     layers = penni.penni_layers(model)
-    errors = {name: float((m.reconstructed_weight() - dense[name]).norm() / dense[name].norm())
-              for name, m in layers.items()}
+    with torch.no_grad():
+        errors = {name: float((m.reconstructed_weight() - dense[name]).norm() / dense[name].norm())
+                  for name, m in layers.items()}
     save(model, ctx.out_dir / MODEL_FILE)
     _write_json(ctx.out_dir / "approximation_error.json", errors)
     return {"layers_decomposed": len(layers), "mean_relative_kernel_error": statistics.fmean(errors.values()) if errors else 0.0,
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
 
+def retrain_training(rcfg: Any) -> StageTraining:
+    """Retraining's additions to the loop: L1 and group lasso (logged per epoch), basis and coefficients
+    in alternation."""
+    return StageTraining(l1=rcfg.l1, group_l1=rcfg.group_l1, include_pointwise=rcfg.include_pointwise,
+                         log_penalties=True, alternate_every=rcfg.alternate_every, start_with=rcfg.start_with)
+
+
 def run_retrain(ctx: StageContext) -> dict:
     """L1 on the coefficients, basis and coefficients trained in alternation; keeps the last epoch."""
-    return _run_training(ctx, ctx.input_model("decompose"), select="last")
+    return _run_training(ctx, ctx.input_model("decompose"), select="last", training=retrain_training(ctx.cfg.retrain))
 
 
 def run_prune(ctx: StageContext) -> dict:
@@ -167,9 +162,18 @@ def run_prune(ctx: StageContext) -> dict:
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
 
+def finetune_training(fcfg: Any, teacher_model: Path) -> StageTraining:
+    """Fine-tuning's additions to the loop: a distillation teacher where ``finetune.distill`` is set (the
+    masks need nothing here: they are parametrizations saved with the model)."""
+    if not fcfg.distill:
+        return StageTraining()
+    return StageTraining(distillation=Distillation(str(teacher_model), fcfg.distill_temperature, fcfg.distill_weight))
+
+
 def run_finetune(ctx: StageContext) -> dict:
-    """Recover accuracy with the masks held; keeps the best epoch on validation."""
-    return _run_training(ctx, ctx.input_model("prune"), select="best")
+    """Recover accuracy with the masks held (optionally distilled from the baseline); keeps the best epoch."""
+    training = finetune_training(ctx.cfg.finetune, ctx.input_model("baseline"))
+    return _run_training(ctx, ctx.input_model("prune"), select="best", training=training)
 
 
 def run_shrink(ctx: StageContext) -> dict:
@@ -223,12 +227,23 @@ def run_evaluate(ctx: StageContext) -> dict:
     exported (``baseline.onnx``, ``compressed.onnx``, via ``penni.to_torch``) and timed in ONNX
     Runtime's CPU provider with torch's thread count.
     """
-    import copy
-
     cfg = ctx.cfg
     device = _device(cfg)
-    hw = T.Hardware(device)
     splits = build_datasets(cfg.data, seed=cfg.seed)
+    models, results = _test_models(ctx, splits, device)
+    plans = _time_latency(ctx, models, results, splits, device)
+    save(models["compressed"].cpu(), ctx.out_dir / "compressed.safetensors")  # keeps the chosen forms
+    models["compressed"].to(device)
+    onnx_note = _onnx_latency(ctx, models, results, splits, cfg.evaluate.latency_repeats)
+    summary = _evaluation_summary(results, device, cfg.evaluate, onnx_note)
+    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary, "inference_plans": plans})
+    flat = {f"{label}.{k}": v for label, entry in results.items() for k, v in entry.items()}
+    return {**summary, **flat}
+
+
+def _test_models(ctx: StageContext, splits, device: torch.device) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """Baseline and compressed model on ``device`` in eval mode, with their test metrics, parameters and MACs."""
+    cfg = ctx.cfg
     test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.loader_workers)
     x1 = example_batch(splits, batch_size=1)
     results: dict[str, dict] = {}
@@ -237,14 +252,23 @@ def run_evaluate(ctx: StageContext) -> dict:
         model = load(path).eval()
         prof = penni.profile(model, x1)
         model.to(device)
-        results[label] = {**T.evaluate(model, test_loader, hw, prefix="test"), "params": prof.params,
+        results[label] = {**T.evaluate(model, test_loader, T.Hardware(device), prefix="test"), "params": prof.params,
                           "nonzero_params": prof.nonzero_params, "sparse_macs": prof.sparse_macs,
                           "dense_macs": prof.dense_macs}
         models[label] = model
+    return models, results
+
+
+def _time_latency(ctx: StageContext, models: dict[str, nn.Module], results: dict[str, dict], splits,
+                  device: torch.device) -> dict:
+    """Per batch size: the compressed model's fastest forms, then baseline / compressed / all-dense timed
+    interleaved (into ``results``); leaves the compressed model in the first batch size's forms."""
+    import copy
+
     b, c = results["baseline"], results["compressed"]
-    repeats, plans, first_modes = cfg.evaluate.latency_repeats, {}, None
+    repeats, plans, first_modes = ctx.cfg.evaluate.latency_repeats, {}, None
     penni.set_forward_mode(models["baseline"], "dense")
-    for bs in cfg.evaluate.latency_batch_sizes:
+    for bs in ctx.cfg.evaluate.latency_batch_sizes:
         x = example_batch(splits, batch_size=bs).to(device)
         plan = _fastest_mode(models["compressed"], x, repeats)
         plans[f"bs{bs}"] = plan.to_dict()
@@ -257,9 +281,12 @@ def run_evaluate(ctx: StageContext) -> dict:
         (ctx.out_dir / f"inference_plan_bs{bs}.md").write_text(plan.to_markdown())
     for name, layer in penni.penni_layers(models["compressed"]).items():
         layer.set_forward_mode((first_modes or {}).get(name, "dense"))
-    save(models["compressed"].cpu(), ctx.out_dir / "compressed.safetensors")  # keeps the chosen forms
-    models["compressed"].to(device)
-    onnx_note = _onnx_latency(ctx, models, results, splits, repeats)
+    return plans
+
+
+def _evaluation_summary(results: dict[str, dict], device: torch.device, ecfg: Any, onnx_note: str | None) -> dict:
+    """Baseline against compressed: accuracy change, reductions, speed-ups, and where it was measured."""
+    b, c = results["baseline"], results["compressed"]
     summary = {
         "baseline_test_top1": b["test_top1"], "compressed_test_top1": c["test_top1"],
         "top1_drop_points": 100.0 * (b["test_top1"] - c["test_top1"]),
@@ -269,17 +296,15 @@ def run_evaluate(ctx: StageContext) -> dict:
         "sparse_macs_reduction_pct": 100.0 * (1 - c["sparse_macs"] / b["dense_macs"]),
         "dense_macs_reduction_pct": 100.0 * (1 - c["dense_macs"] / b["dense_macs"]),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch_threads": torch.get_num_threads(), "latency_repeats": repeats,
+        "torch_threads": torch.get_num_threads(), "latency_repeats": ecfg.latency_repeats,
     }
     if onnx_note:
         summary["onnx_note"] = onnx_note
-    for bs in cfg.evaluate.latency_batch_sizes:
+    for bs in ecfg.latency_batch_sizes:
         summary[f"latency_speedup_bs{bs}"] = b[f"latency_ms_bs{bs}"] / c[f"latency_ms_bs{bs}"]
         if f"ort_latency_ms_bs{bs}" in c:
             summary[f"ort_latency_speedup_bs{bs}"] = b[f"ort_latency_ms_bs{bs}"] / c[f"ort_latency_ms_bs{bs}"]
-    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary, "inference_plans": plans})
-    flat = {f"{label}.{k}": v for label, entry in results.items() for k, v in entry.items()}
-    return {**summary, **flat}
+    return summary
 
 
 def _onnx_latency(ctx: StageContext, models: dict[str, nn.Module], results: dict[str, dict], splits,
@@ -368,8 +393,3 @@ def summary_markdown(summary: dict, models: dict) -> str:
     text = "\n".join(lines) + f"\n\nMeasured on: {summary.get('device', '?')}{threads}\n"
     return text + (f"\n{summary['onnx_note']}\n" if summary.get("onnx_note") else "")
 
-
-STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict]] = {
-    "baseline": run_baseline, "decompose": run_decompose, "retrain": run_retrain, "prune": run_prune,
-    "finetune": run_finetune, "shrink": run_shrink, "evaluate": run_evaluate, "report": run_report,
-}

@@ -19,7 +19,7 @@ from torch import nn
 
 import penni
 
-TRAIN_MODES = ("baseline", "retrain", "finetune")
+from .stage_table import TRAINING_STAGES
 
 
 class TrainingError(ValueError):
@@ -50,7 +50,7 @@ def check_trainable(cfg: Any, splits_or_sizes: Any, num_workers: int | None = No
 
     ``splits_or_sizes``: the ``DataSplits``, the training split's size, or ``{"train": size}``.
     ``num_workers`` defaults to the config's (1 when the pipeline runs in-process)."""
-    if not any(getattr(cfg, stage).epochs > 0 for stage in TRAIN_MODES):
+    if not any(getattr(cfg, stage).epochs > 0 for stage in TRAINING_STAGES):
         return
     train_size = _train_size(splits_or_sizes)
     workers = num_workers or (1 if cfg.ray.in_process else cfg.ray.num_workers)
@@ -72,6 +72,14 @@ def non_finite_loss_advice(stage: str, tcfg: Any) -> str:
         if getattr(tcfg, penalty, 0) > 0:
             knobs.append(f"{stage}.{penalty} (now {getattr(tcfg, penalty):g})")
     return "lower " + " or ".join(knobs)
+
+
+def model_from_config(model_cfg: Any) -> nn.Module:
+    """The untrained model ``cfg.model`` describes (architecture, classes, input channels, kwargs)."""
+    from penni.models import build_model
+
+    return build_model(model_cfg.arch, num_classes=model_cfg.num_classes, in_channels=model_cfg.in_channels,
+                       **model_cfg.kwargs)
 
 
 @dataclass
@@ -136,6 +144,32 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Iterable[int]) -> l
     return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, weight: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``(1-w) * CE(labels) + w * T^2 * KL(softmax(teacher/T) || softmax(student/T))`` (Hinton et al., 2015):
+    the T^2 keeps the soft term's gradients on the scale of the label term's as T changes."""
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - weight) * ce + weight * temperature ** 2 * kl
+
+
+@dataclass
+class Teacher:
+    """A frozen model whose temperature-softened outputs the student also learns from."""
+
+    model: nn.Module
+    temperature: float
+    weight: float
+
+    def loss(self, x: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+             label_smoothing: float) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.model(x).float()
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.weight,
+                                 label_smoothing)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -148,20 +182,25 @@ def train_one_epoch(
     include_pointwise: bool = False,
     schedule: penni.AlternatingSchedule | None = None,
     label_smoothing: float = 0.0,
-    log_every: int = 0,
-    log: Callable[[str], None] = print,
+    teacher: Teacher | None = None,
+    progress: Callable[[int, int, int, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, mean task loss and top-1 (this process's shard)."""
+    """One pass over ``loader``; returns mean loss (the objective), mean cross-entropy and top-1 (this
+    process's shard). The objective adds the L1 / group-lasso penalty and, with a ``teacher``, mixes
+    the label loss with distillation. ``progress(done, total, images, seconds)`` is called after every batch
+    (``total`` is 0 where the loader has no length)."""
     model.train()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, ce sum, correct, count
+    total = len(loader) if hasattr(loader, "__len__") else 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         x, y = _to_device(x, y, hw)
         with _autocast(hw):
             logits = model(x)
             ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = ce if teacher is None else teacher.loss(x, logits.float(), y, label_smoothing)
         penalized = l1 > 0 or group_l1 > 0  # element-wise L1 and channel group lasso (penni.sparsity_penalty)
-        loss = ce + penni.sparsity_penalty(model, l1, group_l1, include_pointwise).to(ce) if penalized else ce
+        loss = loss + penni.sparsity_penalty(model, l1, group_l1, include_pointwise).to(loss) if penalized else loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch} step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -171,8 +210,8 @@ def train_one_epoch(
         optimizer.step()
         n = y.shape[0]
         totals += torch.tensor([loss.item() * n, ce.item() * n, _topk_correct(logits, y, (1,))[0], n], dtype=torch.float64)
-        if log_every and (step + 1) % log_every == 0:
-            log(f"  epoch {epoch} step {step + 1}: loss {totals[0] / totals[3]:.4f}")
+        if progress is not None:
+            progress(step + 1, total, int(totals[3]), time.perf_counter() - start)
     count = max(float(totals[3]), 1.0)
     return {"train_loss": float(totals[0]) / count, "train_ce": float(totals[1]) / count,
             "train_top1": float(totals[2]) / count, "train_seconds": time.perf_counter() - start,

@@ -21,6 +21,7 @@ from penni.models import build_model
 from pipeline.config import load_config, to_dict
 from pipeline.dag import stage_fingerprints
 from pipeline.distributed import CHECKSUMS_FILE, TrainJob, checkpoint_problem, run_training
+from pipeline.stages import retrain_training
 from pipeline.storage import RunStore
 from pipeline.train import NonFiniteLossError, TrainingError, check_trainable
 
@@ -154,7 +155,8 @@ def _retrain_job(tmp_path: Path, epochs: int) -> TrainJob:
     torch.manual_seed(0)
     model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
     penni.save(model, tmp_path / "in.safetensors")
-    return TrainJob(stage="retrain", config=to_dict(cfg), input_model=str(tmp_path / "in.safetensors"))
+    return TrainJob(stage="retrain", config=to_dict(cfg), input_model=str(tmp_path / "in.safetensors"),
+                    training=retrain_training(cfg.retrain))
 
 
 def _train_kwargs(tmp_path: Path, use_ray: bool) -> dict:

@@ -9,13 +9,16 @@ from penni.models import build_model
 from pipeline import train as T
 from pipeline.config import load_config, to_dict
 from pipeline.distributed import LocalWorld, TrainJob, training_loop
+from pipeline.stages import finetune_training, retrain_training
 
 
-def _job(tmp_path, stage: str, epochs: int, model: torch.nn.Module) -> dict:
-    cfg = load_config("tiny", [f"{stage}.epochs={epochs}", "data.train_subset=256", "data.val_subset=64"])
+def _job(tmp_path, stage: str, epochs: int, model: torch.nn.Module, *overrides: str) -> dict:
+    cfg = load_config("tiny", [f"{stage}.epochs={epochs}", "data.train_subset=256", "data.val_subset=64", *overrides])
     path = tmp_path / "input.safetensors"
     penni.save(model, path)
-    return TrainJob(stage=stage, config=to_dict(cfg), input_model=str(path)).to_dict()
+    training = {"retrain": lambda: retrain_training(cfg.retrain),
+                "finetune": lambda: finetune_training(cfg.finetune, tmp_path / "teacher.safetensors")}[stage]()
+    return TrainJob(stage=stage, config=to_dict(cfg), input_model=str(path), training=training).to_dict()
 
 
 def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -63,3 +66,31 @@ def test_optimizer_excludes_decay_on_norms_and_biases_but_not_basis():
     layer = penni.penni_layers(model)["features.conv1_1"]
     assert id(layer.basis) in decayed and id(layer.coefficients) in decayed
     assert id(model.features.bn1_1.weight) not in decayed
+
+
+def test_distillation_loss_on_known_logits():
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [1.0, -1.0, 2.0]])
+    labels = torch.tensor([0, 2])
+    t, w = 2.0, 0.25
+    p_teacher = torch.softmax(teacher / t, dim=1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, dim=1))).sum(dim=1).mean()
+    ce = -torch.log_softmax(student, dim=1)[torch.arange(2), labels].mean()
+    got = T.distillation_loss(student, teacher, labels, temperature=t, weight=w)
+    assert torch.allclose(got, (1 - w) * ce + w * t * t * kl, atol=1e-6)
+    assert torch.allclose(T.distillation_loss(student, teacher, labels, t, 0.0), ce)
+    assert T.distillation_loss(teacher, teacher, labels, t, 1.0).abs() < 1e-6  # nothing to learn from itself
+
+
+def test_finetune_with_distillation_learns_from_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model("fashion_cnn", in_channels=1)
+    penni.save(teacher, tmp_path / "teacher.safetensors")
+    student = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
+    losses = {}
+    for distill in ("false", "true"):
+        job = _job(tmp_path, "finetune", 1, student, f"finetune.distill={distill}", "finetune.distill_weight=0.9")
+        assert (job["training"]["distillation"] is not None) == (distill == "true")
+        result = training_loop(job, LocalWorld(tmp_path / f"ckpt-{distill}", use_gpu=False))
+        losses[distill] = result["history"][0]["train_loss"]
+    assert losses["true"] != losses["false"]
