@@ -72,9 +72,11 @@ class Pipeline:
     """Runs the stages of one pipeline run in order, skipping those already done."""
 
     def __init__(self, cfg: PipelineConfig, *, use_ray: bool, tracker: Any = None,
-                 log: Callable[[str], None] = print, train_callbacks: Sequence = ()) -> None:
+                 log: Callable[[str], None] = print, train_callbacks: Sequence = (),
+                 stage_tasks: bool = True) -> None:
         self.cfg = cfg
         self.train_callbacks = list(train_callbacks)  # Ray Train callbacks of the training stages
+        self.stage_tasks = stage_tasks  # False: with Ray, only training runs on Ray (a sweep trial's own process)
         self.use_ray = use_ray
         self.store = RunStore(cfg.storage, cfg.name)
         self.tracker = tracker
@@ -135,7 +137,7 @@ class Pipeline:
                    else contextlib.nullcontext())
         with context as run:
             tracking = (self.tracker.tracking_uri, run.run_id) if run is not None else (None, None)
-            if self.use_ray and stage not in TRAINING_STAGES:
+            if self.use_ray and self.stage_tasks and stage not in TRAINING_STAGES:
                 manifest = _remote_stage(self.cfg).remote(*args, *tracking)
                 import ray
 
