@@ -29,6 +29,9 @@ from pydantic import BaseModel, Discriminator, ValidationError
 from .config_schema import (BaselineConfig, DataConfig, DecomposeConfig, EvaluateConfig, FinetuneConfig,
                             ModelConfig, PipelineConfig, PruneConfig, RayConfig, RetrainConfig, ShrinkConfig,
                             SweepConfig, TrackingConfig, TrainConfig)
+# the stages and the config values each stage's fingerprint hashes (``sweep`` is in none: a changed
+# search space never re-runs a stage) live in the stage table, a pure-Python module
+from .stage_table import STAGE_DEPENDENCIES, STAGES
 
 __all__ = [
     "STAGES", "STAGE_DEPENDENCIES", "CONFIG_DIR", "ConfigError",
@@ -38,22 +41,6 @@ __all__ = [
     "load_config", "from_dict", "apply_overrides", "resolve_config_path", "available_configs",
     "to_dict", "flatten", "section_fingerprint", "dump_yaml",
 ]
-
-STAGES: tuple[str, ...] = ("baseline", "decompose", "retrain", "prune", "finetune", "shrink", "evaluate", "report")
-
-#: Config values (dotted keys, sections or single fields) each stage depends on.  The DAG
-#: chains the fingerprints of a stage's inputs itself; this is only the config part.
-#: ``sweep`` is in no stage's list: changing the search space never re-runs a stage.
-STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
-    "baseline": ("seed", "model", "data", "baseline", "ray.use_gpu"),
-    "decompose": ("decompose",),
-    "retrain": ("retrain", "data", "seed"),
-    "prune": ("prune", "data.image_size"),  # the channel rule costs MACs at the input size
-    "finetune": ("finetune", "data", "seed"),
-    "shrink": ("shrink",),
-    "evaluate": ("evaluate", "data"),
-    "report": (),
-}
 
 #: Folder holding the shipped configs; bare names ("fashion_vgg16") resolve here.
 CONFIG_DIR: Path = Path(__file__).resolve().parent / "configs"
