@@ -36,10 +36,23 @@ def preflight(cfg, tracking_uri: str | None = None) -> list[str]:
     for key, value in (("model.weights", cfg.model.weights), ("baseline.checkpoint", cfg.baseline.checkpoint)):
         if value and "://" not in value and not Path(value).expanduser().is_file():
             problems.append(f"{key}: file {value!r} does not exist")
-    problems += filter(None, [storage_problem(cfg.storage), _tracking_problem(cfg, tracking_uri)])
+    problems += filter(None, [_data_root_problem(cfg.data), storage_problem(cfg.storage),
+                              _tracking_problem(cfg, tracking_uri)])
     if problems:
         return problems
     return _model_problems(cfg) + _data_problems(cfg)
+
+
+def _data_root_problem(data_cfg) -> str | None:
+    """A missing local ``data.root`` of an image dataset, found with the other missing paths (one line each)."""
+    root = data_cfg.root
+    if data_cfg.dataset not in ("imagefolder", "parquet") or not root or "://" in str(root):
+        return None
+    if Path(root).expanduser().is_dir():
+        return None
+    hint = ("write shards with `python workflows/make_shards.py IMAGEFOLDER_ROOT OUT_DIR`"
+            if data_cfg.dataset == "parquet" else "point it at a tree with train/ and val/")
+    return f"data.root: directory {str(root)!r} does not exist ({hint})"
 
 
 def _model_problems(cfg) -> list[str]:
