@@ -10,9 +10,10 @@ import pathlib
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, write the shards, print their paths; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (also used by tests to check documented command lines)."""
     parser = argparse.ArgumentParser(
+        prog="make_shards.py",
         description="Convert an ImageFolder tree (IMAGEFOLDER_ROOT/train and /val, one "
                     "sub-directory per class) into OUT_DIR/train/*.parquet and OUT_DIR/val/*.parquet.")
     parser.add_argument("imagefolder_root", help="ImageFolder root holding train/ and val/")
@@ -22,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="treat IMAGEFOLDER_ROOT as a single split and write OUT_DIR/SPLIT")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a non-empty OUT_DIR (replaces existing shards)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, write the shards, print their paths; returns the exit status."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.rows_per_shard <= 0:
         parser.error(f"--rows-per-shard must be positive, got {args.rows_per_shard}")
