@@ -168,7 +168,7 @@ class RunLock:
                 with open(self.path, "rb") as f:
                     data = f.read()
             else:
-                data = self.store._read_bytes(self.path)
+                data = self.store.read_bytes(self.path)
                 if data is None:
                     return None
         except FileNotFoundError:
@@ -255,7 +255,7 @@ class RunLock:
             if reason is None:
                 raise RunLockedError(self._message(holder))
         record = self._record()
-        self.store._write_bytes(self.path, json.dumps(record).encode())
+        self.store.write_bytes(self.path, json.dumps(record).encode())
         time.sleep(READ_BACK_S)
         current = self._read()
         if current is None or current.get("token") != record["token"]:
@@ -278,4 +278,4 @@ class RunLock:
                 return
             record = {**record, "expires_epoch": time.time() + LEASE_S}
             with contextlib.suppress(Exception):
-                self.store._write_bytes(self.path, json.dumps(record).encode())
+                self.store.write_bytes(self.path, json.dumps(record).encode())

@@ -10,7 +10,10 @@ import pytest
 
 import pyarrow.fs as pafs  # noqa: E402
 
-from pipeline.storage import RunStore, StorageError, fingerprint, sha256_file  # noqa: E402
+from pipeline.storage import (  # noqa: E402
+    RunStore, StorageError, atomic_output_path, atomic_write_bytes, atomic_write_text, copy_and_hash, fingerprint,
+    sha256_file,
+)
 
 
 def _make_outputs(d: Path, payload: bytes = b"weights-v1") -> Path:
@@ -216,13 +219,15 @@ def test_remote_filesystem_path_mock_uri(tmp_path):
     assert fs is store.fs and path == "bucket/prefix/r/_train"
 
 
-def test_remote_copy_fallback_when_move_unsupported(tmp_path):
-    """S3/GCS cannot move directories: the commit must fall back to a copy, manifest last."""
+def test_object_store_commit_writes_manifest_last(tmp_path):
+    """Object stores (no atomic directory rename): files go straight into the stage directory and the
+    manifest is written last; nothing is moved or copied; a commit that fails half-way leaves a stage
+    that does not count as done, and the next commit replaces it."""
     inner = pafs._MockFileSystem()
+    calls = []
+    fail_on = []
 
-    copied = []
-
-    class NoDirMove(pafs.FileSystemHandler):
+    class Recording(pafs.FileSystemHandler):
         def __init__(self, fs):
             self.fs = fs
 
@@ -233,7 +238,7 @@ def test_remote_copy_fallback_when_move_unsupported(tmp_path):
             return self is not other
 
         def get_type_name(self):
-            return "nodirmove"
+            return "recording"
 
         def normalize_path(self, path):
             return path
@@ -248,6 +253,7 @@ def test_remote_copy_fallback_when_move_unsupported(tmp_path):
             self.fs.create_dir(path, recursive=recursive)
 
         def delete_dir(self, path):
+            calls.append(("delete_dir", path))
             self.fs.delete_dir(path)
 
         def delete_dir_contents(self, path, missing_dir_ok=False):
@@ -257,13 +263,15 @@ def test_remote_copy_fallback_when_move_unsupported(tmp_path):
             self.fs.delete_dir_contents("/", accept_root_dir=True)
 
         def delete_file(self, path):
+            calls.append(("delete_file", path))
             self.fs.delete_file(path)
 
         def move(self, src, dest):
-            raise OSError("directory moves are not supported")
+            calls.append(("move", dest))
+            self.fs.move(src, dest)
 
         def copy_file(self, src, dest):
-            copied.append(dest)
+            calls.append(("copy", dest))
             self.fs.copy_file(src, dest)
 
         def open_input_stream(self, path):
@@ -273,19 +281,72 @@ def test_remote_copy_fallback_when_move_unsupported(tmp_path):
             return self.fs.open_input_file(path)
 
         def open_output_stream(self, path, metadata):
+            if any(part in path for part in fail_on):
+                raise OSError(f"injected upload failure: {path}")
+            calls.append(("write", path))
             return self.fs.open_output_stream(path)
 
         def open_append_stream(self, path, metadata):
             return self.fs.open_append_stream(path)
 
-    fs = pafs.PyFileSystem(NoDirMove(inner))
+    fs = pafs.PyFileSystem(Recording(inner))
     store = RunStore("bucket/p", "r", filesystem=fs)
     assert not store.is_local
     store.commit_stage("prune", _make_outputs(tmp_path / "w"), "fp", {})
-    assert copied and copied[-1].endswith("prune/manifest.json")  # manifest copied last
+    writes = [path for op, path in calls if op == "write"]
+    assert writes[-1] == "bucket/p/r/prune/manifest.json"  # manifest last
+    assert sorted(writes[:-1]) == [f"bucket/p/r/prune/{n}" for n in ("metrics.json", "model.safetensors", "sub/plot.txt")]
+    assert not [c for c in calls if c[0] in ("move", "copy")]
     assert store.is_complete("prune", "fp")
+
+    calls.clear()
+    fail_on.append("model.safetensors")  # a second commit dies half-way
+    with pytest.raises(StorageError, match="committing stage 'prune'.*injected upload failure"):
+        store.commit_stage("prune", _make_outputs(tmp_path / "w2", b"weights-v2"), "fp2", {})
+    assert calls[0] == ("delete_file", "bucket/p/r/prune/manifest.json")  # the old output stops counting first
+    assert store.read_manifest("prune") is None
+    assert not store.is_complete("prune", "fp") and not store.is_complete("prune", "fp2")
+
+    fail_on.clear()
+    store.commit_stage("prune", _make_outputs(tmp_path / "w3", b"weights-v3"), "fp3", {})
+    assert store.is_complete("prune", "fp3")
     names = {posixpath_name(i.path) for i in fs.get_file_info(pafs.FileSelector("bucket/p/r"))}
-    assert names == {"prune"}  # tmp dir removed after the copy
+    assert names == {"prune"}
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    target = tmp_path / "sub" / "state.json"
+    atomic_write_text(target, "one")
+    atomic_write_bytes(str(target), b"two")  # replaces
+    assert target.read_bytes() == b"two"
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_output_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"two"  # untouched by the failed writer
+    with atomic_output_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"three")
+    assert target.read_bytes() == b"three"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.json"]  # no temporary left
+
+    atomic_write_bytes("mock:///bucket/x/state.json", b"remote")  # a URI: one upload
+    fs = pafs._MockFileSystem()
+    atomic_write_bytes("b/state.json", b"on fs", filesystem=fs)
+    with fs.open_input_stream("b/state.json") as f:
+        assert f.read() == b"on fs"
+
+
+def test_copy_and_hash_streams_once(tmp_path):
+    import io
+
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(9 * 1024 * 1024 + 7))  # more than two chunks
+    out = io.BytesIO()
+    with open(src, "rb") as f:
+        digest = copy_and_hash(f, out)
+    assert out.getvalue() == src.read_bytes()
+    assert (digest.sha256, digest.size) == (sha256_file(src), src.stat().st_size)
 
 
 def test_unreachable_uri_message():
