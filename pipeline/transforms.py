@@ -78,8 +78,9 @@ def stored_image_size(base: Any, indices: np.ndarray) -> int:
     return int(np.median(sides)) if sides else 0
 
 
-def geometry(augment: str, image_size: int, hflip: bool, train: bool) -> Callable:
-    """PIL image -> uint8 (C, S, S) tensor: the augmentation of ``augment`` on train, else the eval view."""
+def geometry(augment: str, image_size: int, hflip: bool, train: bool, pil: bool = True) -> Callable:
+    """PIL image (or, with ``pil=False``, a uint8 (C, H, W) tensor on any device) -> uint8 (C, S, S)
+    tensor: the augmentation of ``augment`` on train, else the eval view."""
     from torchvision.transforms import v2
 
     s = int(image_size)
@@ -91,7 +92,7 @@ def geometry(augment: str, image_size: int, hflip: bool, train: bool) -> Callabl
         view = [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
         pad = max(1, s // 8)  # 4 pixels at 32, as in the CIFAR recipe
         steps = [*view, v2.RandomCrop(s, padding=pad), *flip] if train and augment == "small" else view
-    return v2.Compose([*steps, v2.PILToTensor(), v2.ToPureTensor()])
+    return v2.Compose([*steps, *([v2.PILToTensor()] if pil else []), v2.ToPureTensor()])
 
 
 def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
