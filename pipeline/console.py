@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 SINK_NAME = "penni-console"
 _BATCH_INTERVAL_S = 0.5  # a Ray worker sends at most this often a progress update
+_BAR_WITH_TOTAL = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
 _DAG_LINE = re.compile(r"^\[(?P<stage>[\w.-]+)\] (?P<rest>.*)$", re.S)
 
 _display: "Display | None" = None  # set in the driver process while a session is open
@@ -132,24 +133,23 @@ class Display:
         with self._lock:
             getattr(self, kind)(*args)
 
-    def tag(self, stage: str) -> str:
-        """``[k/n stage]`` for a stage of the pipeline, ``[stage]`` otherwise."""
+    def position(self, stage: str) -> str:
+        """``stage k/n`` for a stage of the pipeline, ``stage`` otherwise."""
         if stage in self.stages:
-            return f"[{self.stages.index(stage) + 1}/{len(self.stages)} {stage}]"
-        return f"[{stage}]"
+            return f"stage {self.stages.index(stage) + 1}/{len(self.stages)}"
+        return "stage"
 
     def epoch(self, stage: str, epoch: int, epochs: int, metrics: dict) -> None:
         from .train import format_epoch
 
-        text = format_epoch(stage, epoch, epochs, metrics)
-        prefix = f"[{stage}]"
-        self.write(self.tag(stage) + text[len(prefix):] if text.startswith(prefix) else text)
+        self.write(format_epoch(stage, epoch, epochs, metrics))
 
     def batches(self, stage: str, epoch: int, epochs: int, done: int, total: int, images: int,
                 seconds: float) -> None:
         if not self.tty or total <= 0:
             return
         bar = self._open_bar(stage)
+        bar.bar_format = _BAR_WITH_TOTAL
         bar.total = max(epochs, 1) * total
         bar.n = min(epoch * total + done, bar.total)
         rate = images / seconds if seconds > 0 else 0.0
@@ -177,13 +177,12 @@ class Display:
                 if self.tty:
                     self._open_bar(stage)
                 if "retry" in rest:
-                    self.write(f"{self.tag(stage)} {rest}")
+                    self.write(text)
                 return
-            if rest.startswith("up to date"):
-                rest = "skipped (up to date)"
-            if rest.startswith(("done", "skipped")):
+            if rest.startswith(("done", "up to date")):
                 self._close_bar()
-            self.write(f"{self.tag(stage)} {rest}")
+                text = f"{text} ({self.position(stage)})" if stage in self.stages else text
+            self.write(text)
 
     def write(self, text: str) -> None:
         with self._lock:
@@ -198,8 +197,8 @@ class Display:
         self._close_bar()
         from tqdm import tqdm
 
-        self._bar = tqdm(total=None, desc=f"stage {self.tag(stage)[1:-1]}", file=self.stream, leave=False,
-                         dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
+        self._bar = tqdm(total=None, desc=f"{self.position(stage)} {stage}", file=self.stream, leave=False,
+                         dynamic_ncols=True, bar_format="{desc}: {elapsed}{postfix}")
         self._bar_stage = stage
         return self._bar
 

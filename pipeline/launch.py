@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -133,12 +134,16 @@ def start_ray(cfg, *, verbose: bool = False) -> None:
              **({"include_dashboard": None} if address == "local" else {}))
 
 
-def quiet_logging(verbose: bool) -> None:
-    """MLflow's INFO lines (database set-up on every start) only with ``verbose`` (or MLFLOW_LOGGING_LEVEL)."""
+def quiet_output(verbose: bool) -> None:
+    """Unless ``verbose``: no MLflow INFO lines (database set-up on every start; MLFLOW_LOGGING_LEVEL
+    wins), and no PyTorch notice that sparse CSR tensors are beta (the sparse inference forms that
+    evaluate times use them)."""
     level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read by mlflow's import
     if "mlflow" in sys.modules:  # already imported (and configured) in this process
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(level.upper())
+    if not verbose:
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 # ------------------------------------------------------------------ storage, lock, tracking

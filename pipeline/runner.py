@@ -8,7 +8,7 @@ import time
 from typing import Sequence
 
 from .config import STAGES, ConfigError, available_configs, dump_yaml, load_config
-from .launch import (LaunchError, failure_line, log_summary, preflight, quiet_logging,
+from .launch import (LaunchError, failure_line, log_summary, preflight, quiet_output,
                      report_failure, start_ray, tracking_uri, use_ray)
 
 __all__ = ["main", "parse_args", "resolve_config", "preflight", "failure_line", "summary_lines"]
@@ -82,7 +82,7 @@ def _run(cfg, args: argparse.Namespace, store) -> int:
 
     ray_on = use_ray(cfg)
     started = time.perf_counter()
-    quiet_logging(args.verbose)
+    quiet_output(args.verbose)
     print(f"penni pipeline '{cfg.name}' -> {store.root}  ({'Ray' if ray_on else 'in-process'})", flush=True)
     try:
         with parent_run(cfg, tracking_uri(cfg, args.tracking_uri, store), store, config_name=cfg.name) as tracker:
