@@ -61,25 +61,30 @@ def _emit(kind: str, *args: Any) -> None:
     display = _display
     if display is not None:
         display.handle(kind, args)
-        return
-    for _attempt in range(2):  # a cached handle may name the sink of an earlier session
-        sink = _sink()
-        if sink is None:
-            break
-        try:
-            ref = sink.put.remote(kind, args)
-            if kind != "batches":  # lines arrive before the stage's end is reported
-                import ray
+    elif not _send_to_driver(kind, args):
+        Display(stages=(), tty=False).handle(kind, args)  # no session: this process's own output
 
-                ray.get(ref, timeout=30)
-            return
-        except Exception:  # noqa: BLE001 - that sink is gone
-            _forget_sink()
-    Display(stages=(), tty=False).handle(kind, args)  # no session: this process's own output
+
+def _send_to_driver(kind: str, args: tuple) -> bool:
+    """Hand a report to the driver's open session (True), from a Ray process of its job."""
+    sink = _sink()
+    if sink is None:
+        return False
+    import ray
+
+    ref = sink.put.remote(kind, args)
+    if kind == "batches":  # progress is best effort
+        return True
+    try:
+        return ray.get(ref, timeout=30)  # waited for: lines arrive before the stage's end is reported
+    except Exception:  # noqa: BLE001 - the driver (and its sink) is gone
+        global _sink_handle
+        _sink_handle = None
+        return False
 
 
 def _sink():
-    """The driver's ``ConsoleSink`` when this is a Ray process of a job whose driver opened a session."""
+    """The ``ConsoleSink`` of this Ray job's driver, if it made one (the handle is cached)."""
     global _sink_handle
     if _sink_handle is not None or "ray" not in sys.modules:
         return _sink_handle
@@ -89,27 +94,31 @@ def _sink():
         return None
     try:
         _sink_handle = ray.get_actor(SINK_NAME)
-    except ValueError:  # no session on the driver
+    except ValueError:  # this job's driver has no console
         return None
     return _sink_handle
 
 
-def _forget_sink() -> None:
-    global _sink_handle
-    _sink_handle = None
-
-
 class ConsoleSink:
-    """A Ray actor holding reports from Ray processes until the driver drains them (in order)."""
+    """A Ray actor holding reports from Ray processes, in order, until the driver drains them. It lives
+    as long as the driver's Ray job; between the driver's sessions it refuses reports."""
 
     def __init__(self) -> None:
         self._events: list[tuple[str, tuple]] = []
+        self._open = False
 
-    def put(self, kind: str, args: tuple) -> None:
-        self._events.append((kind, args))
+    def open(self) -> None:
+        self._events, self._open = [], True
 
-    def drain(self) -> list[tuple[str, tuple]]:
+    def put(self, kind: str, args: tuple) -> bool:
+        """Keep a report while a session is open; False tells the sender to show it itself."""
+        if self._open:
+            self._events.append((kind, args))
+        return self._open
+
+    def drain(self, close: bool = False) -> list[tuple[str, tuple]]:
         events, self._events = self._events, []
+        self._open = self._open and not close
         return events
 
 
@@ -222,7 +231,7 @@ def _clock(seconds: float) -> str:
 
 
 class _Pump:
-    """Drains the ``ConsoleSink`` actor into the display: from a thread, and on demand."""
+    """Drains the driver's ``ConsoleSink`` actor into the display: from a thread, and on demand."""
 
     def __init__(self, display: Display, interval: float = 0.25) -> None:
         import ray
@@ -231,19 +240,19 @@ class _Pump:
         self.interval = interval
         self.sink = ray.remote(ConsoleSink).options(
             name=SINK_NAME, get_if_exists=True, num_cpus=0, max_restarts=0).remote()
+        ray.get(self.sink.open.remote(), timeout=120)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.drain()  # leftovers of an earlier session in this Ray job
         self._thread = threading.Thread(target=self._loop, name="penni-console", daemon=True)
         self._thread.start()
 
-    def drain(self) -> None:
+    def drain(self, close: bool = False) -> None:
         import ray
 
         with self._lock:
             try:
-                events = ray.get(self.sink.drain.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - Ray is shutting down; reports are best effort
+                events = ray.get(self.sink.drain.remote(close), timeout=30)
+            except Exception:  # noqa: BLE001 - Ray is shutting down: reports are best effort
                 return
             for kind, args in events:
                 self.display.handle(kind, args)
@@ -253,14 +262,10 @@ class _Pump:
             self.drain()
 
     def stop(self) -> None:
-        """Show what is left, then remove the sink (a later session makes a new one)."""
-        import ray
-
+        """Show what is left; from now on Ray processes show their reports themselves."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.drain()
-        with contextlib.suppress(Exception):
-            ray.kill(self.sink)
+        self.drain(close=True)
 
 
 @contextlib.contextmanager
@@ -271,7 +276,7 @@ def session(stages: Sequence[str], *, use_ray: bool, tty: bool | None = None) ->
     display = Display(stages, tty=tty)
     pump = _Pump(display) if use_ray else None
     if pump is not None:
-        display.flush_reports = pump.drain
+        display.flush_reports = pump.drain  # type: ignore[assignment]
     previous, _display = _display, display
     try:
         yield display
