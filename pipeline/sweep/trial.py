@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from ..config import STAGES, from_dict
@@ -69,7 +70,10 @@ def _run_stages(cfg, store, spec: dict, trial: dict):
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from .release import RECORD_FILE, RecordPlacementGroup
+
         callbacks.append(TuneReportCallback())  # each epoch's metrics (val_top1, sparsity) reach ASHA
+        callbacks.append(RecordPlacementGroup(str(Path(store.root) / RECORD_FILE)))
     tags = {SWEEP_TAG: spec["sweep_name"], "penni.sweep_role": "trial", "penni.trial": cfg.name,
             **({"mlflow.parentRunId": spec["sweep_run_id"]} if spec["sweep_run_id"] else {}),
             **{f"penni.{k}": v for k, v in trial["params"].items()}}

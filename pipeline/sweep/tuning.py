@@ -79,9 +79,19 @@ def run_tune(plan: SweepPlan, pending: list[TrialSpec], *, sweep_run_id: str | N
                                     max_concurrent_trials=concurrency, trial_name_creator=_TrialName(names),
                                     trial_dirname_creator=_TrialDirName(names)),
         run_config=tune.RunConfig(name=plan.sweep_name, storage_path=str(Path(plan.storage) / "_tune"),
-                                  failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1,
+                                  callbacks=_release_callbacks(plan, pending)),
     )
     return tuner.fit()
+
+
+def _release_callbacks(plan: SweepPlan, pending: list[TrialSpec]) -> list:
+    """The driver-side release of the Ray Train resources of trials that ended (see release.py)."""
+    if plan.sweep.in_process:
+        return []
+    from .release import RECORD_FILE, ReleaseEndedTrials
+
+    return [ReleaseEndedTrials({t.index: str(Path(plan.storage) / t.name / RECORD_FILE) for t in pending})]
 
 
 class _TrialName:
