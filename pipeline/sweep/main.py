@@ -44,9 +44,10 @@ def _start_ray(plan: SweepPlan) -> int:
     """Ray up (quiet), and how many trials fit at once on it."""
     import ray
 
-    from ..runner import _start_ray as start
+    from ..launch import quiet_output, start_ray as start
     from .tuning import concurrent_trials
 
+    quiet_output(False)
     start(plan.base_cfg)
     return concurrent_trials(plan, ray.cluster_resources())
 

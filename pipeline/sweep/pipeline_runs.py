@@ -19,7 +19,7 @@ def _locked(store):
 def run_base(plan: SweepPlan, sweep_run_id: str | None) -> dict:
     """Step 1: the base run's baseline stage (skipped when done); returns its manifest."""
     from ..dag import Pipeline
-    from ..runner import _use_ray
+    from ..launch import use_ray as _use_ray
     from ..tracking import parent_run
 
     cfg = plan.base_cfg
@@ -72,7 +72,7 @@ def run_winner(plan: SweepPlan, trial: TrialSpec, sweep_run_id: str | None):
     shrink, evaluate, report) from the trial's committed stages; resumable like any pipeline run.
     Returns ``(config, stage outcomes, stages seeded from the trial)``."""
     from ..dag import Pipeline
-    from ..runner import _log_summary, _use_ray
+    from ..launch import log_summary as _log_summary, use_ray as _use_ray
     from ..tracking import parent_run
 
     cfg = plan.winner_config(trial)

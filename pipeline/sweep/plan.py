@@ -158,7 +158,7 @@ def _check_rule(sweep) -> None:
 
 def _check_machine(plan: SweepPlan, cli_uri: str | None) -> None:
     """The runner's preflight (files, storage, data) and the tracking URI."""
-    from ..runner import preflight
+    from ..launch import preflight
 
     problems = preflight(plan.base_cfg)
     if problems:
