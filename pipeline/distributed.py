@@ -34,7 +34,7 @@ from . import train as T
 from .checkpoints import (BEST_FILE, CHECKSUMS_FILE, HISTORY_FILE, MODEL_FILE, STATE_FILE, checkpoint_problem,
                           read_training_state, verified, write_checkpoint)
 from .config import from_dict
-from .data import build_datasets, make_loader
+from .data import build_datasets, make_loader, resolve_loader
 from .storage import fingerprint, sha256_file
 from .worlds import LocalWorld, RayWorld
 
@@ -152,7 +152,8 @@ def set_up(job: TrainJob, world: Any) -> TrainingRun:
     cfg = from_dict(job.config)
     tcfg = getattr(cfg, job.stage)
     world.stage = job.stage
-    splits = build_datasets(cfg.data, seed=cfg.seed)
+    splits = build_datasets(cfg.data, seed=cfg.seed, in_channels=cfg.model.in_channels,
+                            num_classes=cfg.model.num_classes)
     T.check_trainable(cfg, splits, num_workers=world.world_size)
     model = _initial_model(job, cfg)
     hw = T.resolve_hardware(tcfg, world.device)
@@ -220,6 +221,13 @@ def _shard(dataset, rank: int, world_size: int):
 def training_batches(run: TrainingRun, epoch: int) -> Iterable:
     """This worker's training batches of ``epoch`` (a shuffled, epoch-seeded shard of the training split)."""
     cfg, world = run.cfg, run.world
+    if resolve_loader(cfg.data, in_process=isinstance(world, LocalWorld)) == "ray_data":  # seam 9
+        import ray.train
+
+        from .ray_data import epoch_batches
+
+        return epoch_batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, run.splits.policy,
+                             world.device, cfg.seed, epoch)
     if world.world_size == 1:
         return make_loader(run.splits.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.loader_workers,
                            seed=cfg.seed * 1000 + epoch, drop_last=True)
@@ -370,10 +378,15 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .ray_data import plan_input
+
     storage_path, filesystem = storage
+    job_dict = job.to_dict()
+    job_dict["config"], datasets = plan_input(job_dict["config"], num_workers, cpus_per_worker)  # seam 9
     trainer = TorchTrainer(
         training_loop,
-        train_loop_config=job.to_dict(),
+        train_loop_config=job_dict,
+        datasets=datasets or None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
