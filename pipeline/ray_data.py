@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from .splits import DataSplits
 
-__all__ = ["SHUFFLE_BUFFER_ROWS", "decode_augment", "plan_input", "decode_on_device", "epoch_batches", "read_row_groups",
+__all__ = ["SHUFFLE_BUFFER_ROWS", "batch_tensors", "iter_options", "decode_augment", "plan_input", "decode_on_device", "epoch_batches", "read_row_groups",
            "train_dataset"]
 
 SHUFFLE_BUFFER_ROWS = 1024  # rows each training worker mixes locally (about 4 row groups of ImageNet JPEGs)
@@ -41,23 +41,29 @@ DECODE_BATCH_ROWS = 64  # images one decode task handles
 
 
 def read_row_groups(batch: dict) -> dict:
-    """Row-group descriptors -> the encoded training images and labels in them (one read per row group)."""
-    images, labels = [], []
+    """Row-group descriptors -> the encoded training images and labels in them (one read per row group);
+    ``read_bytes`` carries the compressed size of each image column chunk read (on its group's first row)."""
+    images, labels, read = [], [], []
     for file, group, rows, row_labels in zip(batch["file"], batch["group"], batch["rows"], batch["labels"]):
-        column = open_shard(str(file)).read_row_group(int(group), columns=["image"]).column("image")
-        taken = column.take(np.asarray(rows, dtype=np.int64))
-        images += taken.to_pylist()
+        shard = open_shard(str(file))
+        column = shard.read_row_group(int(group), columns=["image"]).column("image")
+        images += column.take(np.asarray(rows, dtype=np.int64)).to_pylist()
         labels.append(np.asarray(row_labels, dtype=np.int64))
+        chunk = shard.metadata.row_group(int(group)).column(shard.schema_arrow.get_field_index("image"))
+        read.append(np.r_[chunk.total_compressed_size, np.zeros(len(rows) - 1, np.int64)])
     out = np.empty(len(images), dtype=object)
     out[:] = images
-    return {"image": out, "label": np.concatenate(labels) if labels else np.empty(0, np.int64)}
+    empty = np.empty(0, np.int64)
+    return {"image": out, "label": np.concatenate(labels) if labels else empty,
+            "read_bytes": np.concatenate(read).astype(np.int64) if read else empty}
 
 
 def decode_augment(batch: dict, policy: TransformPolicy) -> dict:
     """Encoded images -> augmented uint8 (B, 3, S, S) arrays on a CPU worker (the policy's training geometry)."""
     view = geometry(policy.augment, policy.image_size, policy.hflip, train=True)
     x = [view(decode_image(bytes(b), "a training row")).numpy() for b in batch["image"]]
-    return {"image": np.stack(x), "label": np.asarray(batch["label"], dtype=np.int64)}
+    return {"image": np.stack(x), "label": np.asarray(batch["label"], dtype=np.int64),
+            "read_bytes": np.asarray(batch["read_bytes"], dtype=np.int64)}
 
 
 def _row_group_items(splits: "DataSplits") -> list[dict]:
@@ -106,19 +112,30 @@ def decode_on_device(encoded: Any, policy: TransformPolicy, train: bool, device:
     return torch.stack([view(img) for img in images])
 
 
+def batch_tensors(batch: dict, policy: TransformPolicy, device: torch.device, decode_on_device_: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A numpy batch from the dataset -> (normalized float images on ``device``, labels)."""
+    y = torch.from_numpy(np.array(batch["label"], dtype=np.int64))
+    if decode_on_device_:
+        x = decode_on_device(batch["image"], policy, True, device)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+    return normalize_uint8(x, policy.mean, policy.std), y
+
+
+def iter_options(batch_size: int, seed: int, epoch: int) -> dict:
+    """The ``iter_batches`` arguments of one epoch: drop the incomplete last batch, seeded local shuffle."""
+    return dict(batch_size=int(batch_size), batch_format="numpy", drop_last=True,
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS, local_shuffle_seed=int(seed) * 1000 + int(epoch),
+                prefetch_batches=2)
+
+
 def epoch_batches(shard: Any, batch_size: int, policy: TransformPolicy, device: torch.device, seed: int,
                   epoch: int, decode_on_device_: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of this worker's ``(normalized float images, labels)`` batches from its Ray Train dataset
     shard (``ray.train.get_dataset_shard("train")``); incomplete last batches are dropped, like the torch path."""
-    for batch in shard.iter_batches(batch_size=int(batch_size), batch_format="numpy", drop_last=True,
-                                    local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-                                    local_shuffle_seed=int(seed) * 1000 + int(epoch), prefetch_batches=2):
-        y = torch.from_numpy(np.array(batch["label"], dtype=np.int64))
-        if decode_on_device_:
-            x = decode_on_device(batch["image"], policy, True, device)
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
-        yield normalize_uint8(x, policy.mean, policy.std), y
+    for batch in shard.iter_batches(**iter_options(batch_size, seed, epoch)):
+        yield batch_tensors(batch, policy, device, decode_on_device_)
 
 
 def plan_input(config: dict, num_workers: int, cpus_per_worker: float) -> tuple[dict, dict]:
