@@ -40,7 +40,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,12 +49,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import penni  # noqa: E402
-import seed_structures  # noqa: E402
-from penni.models import build_model  # noqa: E402
+import penni
+import seed_structures
+from penni.models import build_model
 
 CASES = ("vgg16", "resnet50", "quickstart")
 TORCH_FORMS = ("dense", "shrunk-dense", "per-layer")

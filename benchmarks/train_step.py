@@ -22,18 +22,14 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import penni  # noqa: E402
-from penni.models import build_model  # noqa: E402
+import penni
+from penni.models import build_model
 
 VARIANTS = ("dense", "reconstruct", "factorized")
 

@@ -1,5 +1,4 @@
 """PENNI inside your own PyTorch training loop (no Ray, no MLflow): python examples/own_training_loop.py"""
-import sys
 import tempfile
 from pathlib import Path
 
@@ -7,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import penni  # noqa: E402
-from penni.models import build_model  # noqa: E402
+import penni
+from penni.models import build_model
 
 torch.manual_seed(0)
 # FakeData is generated locally (no download); use your own DataLoader here.
