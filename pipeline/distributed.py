@@ -35,6 +35,7 @@ from .checkpoints import (BEST_FILE, CHECKSUMS_FILE, HISTORY_FILE, MODEL_FILE, S
                           read_training_state, verified, write_checkpoint)
 from .config import from_dict
 from .data import build_datasets, make_loader, resolve_loader
+from .device_data import device_loader, uses_device_loader
 from .storage import fingerprint, sha256_file
 from .worlds import LocalWorld, RayWorld
 
@@ -228,6 +229,8 @@ def training_batches(run: TrainingRun, epoch: int) -> Iterable:
 
         return epoch_batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, run.splits.policy,
                              world.device, cfg.seed, epoch)
+    if world.world_size == 1 and uses_device_loader(cfg):  # data.loader=device: held and augmented on the device
+        return device_loader(run.splits.train, cfg, world.device, seed=cfg.seed * 1000 + epoch)
     if world.world_size == 1:
         return make_loader(run.splits.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.loader_workers,
                            seed=cfg.seed * 1000 + epoch, drop_last=True)
@@ -256,10 +259,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
     phase = run.schedule.start_epoch(run.model, run.optimizer, epoch) if run.schedule else "all"
     lr = run.optimizer.param_groups[0]["lr"]
     extras, stage = run.job.training, run.job.stage
-    progress = None
-    if run.world.rank == 0:
-        def progress(done: int, total: int, images: int, seconds: float) -> None:
-            console.report_batches(stage, epoch, run.tcfg.epochs, done, total, images, seconds)
+    progress = _batch_progress(run, epoch) if run.world.rank == 0 else None
     try:
         m = T.train_one_epoch(run.model, batches, run.optimizer, run.hw, epoch=epoch, l1=extras.l1,
                               group_l1=extras.group_l1, include_pointwise=extras.include_pointwise,
@@ -277,6 +277,14 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
                               "lower data.batch_size or raise data.train_subset")
     # train_loss is the cross-entropy, comparable with val_loss; the objective adds penalties / distillation
     return phase, {"epoch": epoch, "lr": lr, "train_loss": ce / count, "train_top1": top1 / count}, objective / count
+
+
+def _batch_progress(run: TrainingRun, epoch: int):
+    """Rank 0's progress inside an epoch, to the console (a progress display on the driver)."""
+    def progress(done: int, total: int, images: int, seconds: float) -> None:
+        console.report_batches(run.job.stage, epoch, run.tcfg.epochs, done, total, images, seconds)
+
+    return progress
 
 
 def evaluate_epoch(run: TrainingRun) -> dict:

@@ -1,11 +1,13 @@
 """End-to-end pipeline on real Ray (2 CPU workers), real MLflow (SQLite) and real Fashion-MNIST."""
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
 import pytest
 
+from pipeline import stage_table
 from pipeline.config import STAGES
 from pipeline.runner import main
 from pipeline.tracking import read_runs
@@ -41,6 +43,31 @@ def test_every_stage_committed_with_outputs(first_run):
     assert 0.0 < ev["compressed_test_top1"] <= 1.0
     assert ev["sparse_macs_reduction_pct"] > 30.0  # d=5 + pruning on 3x3 convs
     assert manifests["shrink"]["metrics"]["max_relative_output_change"] < 1e-5
+
+
+def test_every_stage_writes_what_the_stage_table_says(first_run):
+    _, root = first_run
+    for entry in stage_table.STAGE_TABLE:
+        files = set(_manifests(root)[entry.name]["files"])
+        for pattern in entry.writes:
+            assert fnmatch.filter(files, pattern), (entry.name, pattern)
+        unlisted = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in entry.writes + entry.may_write)]
+        assert not unlisted, (entry.name, unlisted)
+
+
+def test_the_stage_table_is_the_one_list_of_stages():
+    from pipeline import config, stages
+    from pipeline.dag import stage_fingerprints
+
+    assert config.STAGES == stage_table.STAGES
+    assert config.STAGE_DEPENDENCIES == stage_table.STAGE_DEPENDENCIES
+    assert stage_table.TRAINING_STAGES == ("baseline", "retrain", "finetune")
+    for entry in stage_table.STAGE_TABLE:
+        assert stage_table.stage_function(entry.name) is getattr(stages, f"run_{entry.name}")
+        assert f"| {entry.name} |" in stage_table.markdown_table()
+    assert list(stage_fingerprints(config.load_config("tiny"))) == list(stage_table.STAGES)
+    with pytest.raises(ValueError, match="unknown stage 'nope'; expected one of baseline, decompose"):
+        stage_table.stage("nope")
 
 
 def test_mlflow_holds_parent_children_epochs_and_artifacts(first_run):
