@@ -2,8 +2,9 @@
 
 Read like torchvision's ``references/classification/train.py``: build the optimizer and LR
 schedule, then ``train_one_epoch`` / ``evaluate`` per epoch. What PENNI adds is small: an L1
-term on the coefficients, the alternating basis/coefficient schedule, and held masks (which
-need nothing here: they are parametrizations on the model).
+term on the coefficients, the alternating basis/coefficient schedule, an optional distillation
+teacher (``distillation_loss``), and held masks (which need nothing here: they are
+parametrizations on the model). The per-epoch driver is ``pipeline.distributed.training_loop``.
 """
 from __future__ import annotations
 
