@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 SINK_NAME = "penni-console"
 _BATCH_INTERVAL_S = 0.5  # a Ray worker sends at most this often a progress update
+_REFRESH_S = 0.1         # the bar is redrawn at most this often
 _BAR_WITH_TOTAL = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
 _DAG_LINE = re.compile(r"^\[(?P<stage>[\w.-]+)\] (?P<rest>.*)$", re.S)
 
@@ -135,6 +136,7 @@ class Display:
         self._bar = None
         self._bar_stage: str | None = None
         self._lock = threading.RLock()
+        self._last_refresh = 0.0
         self.flush_reports: Callable[[], None] = lambda: None  # the session pulls pending Ray reports
 
     def handle(self, kind: str, args: tuple) -> None:
@@ -155,8 +157,10 @@ class Display:
 
     def batches(self, stage: str, epoch: int, epochs: int, done: int, total: int, images: int,
                 seconds: float) -> None:
-        if not self.tty or total <= 0:
+        now = time.monotonic()
+        if not self.tty or total <= 0 or (done < total and now - self._last_refresh < _REFRESH_S):
             return
+        self._last_refresh = now
         bar = self._open_bar(stage)
         bar.bar_format = _BAR_WITH_TOTAL
         bar.total = max(epochs, 1) * total
