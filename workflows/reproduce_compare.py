@@ -119,8 +119,9 @@ def torch_pruning_branch(cfg, baseline_dir: Path, ours_dir: Path, out_dir: Path,
     target = penni.profile(penni.load(ours_dir / MODEL_FILE).eval(), x).dense_macs
     t0 = time.perf_counter()
     pruned, info = prune_to_macs(baseline, x, target, round_to)
-    pruned_val = T.evaluate(pruned, make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False),
-                            T.Hardware(torch.device("cpu")))["val_top1"]
+    device = _device(cfg)
+    pruned_val = T.evaluate(pruned.to(device), make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False),
+                            T.Hardware(device))["val_top1"]
     console.report_line(f"[torch_pruning] ratio {info['pruning_ratio']:.3f}: dense MACs {info['dense_macs_gap_pct']:+.2f}% "
                         f"vs ours, val top-1 before fine-tuning {pruned_val:.2%}")
     tuned, history = finetune_plain(pruned, cfg, splits)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ROWS = (("baseline", "baseline (dense)"), ("penni", "PENNI (paper schedule)"),
+ROWS = (("baseline", "baseline (dense)"), ("penni", "PENNI"),
         ("penni_distill", "PENNI, fine-tuned with distillation"), ("penni_channels", "PENNI channel rule, same dense MACs"),
         ("torch_pruning", "Torch-Pruning magnitude, same dense MACs"))
 SCALE_ORDER = ("gpu", "cpu", "tiny")
@@ -86,7 +86,7 @@ def _machine_line(m: dict[str, Any], device: str) -> str:
     return f"{where}; torch {m['torch']}, Python {m['python']}; {m['date']}{load}"
 
 
-def scale_markdown(results: dict[str, Any], pictures_prefix: str) -> str:
+def scale_markdown(results: dict[str, Any], pictures_prefix: str, seed_table: bool = False) -> str:
     """The Markdown of one scale's results (also a section of docs/results.md)."""
     scale = results["scale"]
     out = [f"## Scale `{scale}`\n", f"{results['note']}.\n",
@@ -106,6 +106,10 @@ def scale_markdown(results: dict[str, Any], pictures_prefix: str) -> str:
         structure = run.get("structure_md")
         if structure:
             out += [f"Per-layer structure of the PENNI model (the seed's Table 1 format):\n", structure]
+            if seed_table and model == "vgg16":
+                out += ["Next to it, the seed's own Table 1 (VGG16 on CIFAR-10, after shrinking; from "
+                        "`benchmarks/seed_structures.py`, the before-shrinking columns are in the seed appendix):\n",
+                        seed_table1_markdown()]
         for name in PICTURES:
             if name in run.get("pictures", []):
                 out.append(f"![{model} {name[:-4].replace('_', ' ')}]({pictures_prefix}{model}_{name})\n")
@@ -143,13 +147,9 @@ def write_docs(results_dir: Path, docs_path: Path) -> Path:
              "PENNI's schedule (baseline, decompose, retrain with alternation and L1, prune, fine-tune, shrink) on "
              "Fashion-MNIST at 32x32, against Torch-Pruning's magnitude channel pruning from the same baseline at the "
              "same dense-executable MACs.\n"]
-    for scale, path in found.items():
+    for i, (scale, path) in enumerate(found.items()):
         results = json.loads(path.read_text())
-        prefix = _relative_prefix(docs_path, path.parent)
-        parts.append(scale_markdown(results, prefix))
-    parts += ["## The seed's Table 1 (VGG16 on CIFAR-10, after shrinking)\n",
-              "For comparison with the per-layer tables above (before-shrinking columns: see the seed appendix).\n",
-              seed_table1_markdown()]
+        parts.append(scale_markdown(results, _relative_prefix(docs_path, path.parent), seed_table=i == 0))
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text("\n".join(parts))
     return docs_path
