@@ -156,6 +156,10 @@ def plot_reconstructed(
 
 # ---------------------------------------------------------------------------- learning curves
 
+# the part of the basis/coefficient schedule each epoch trained (history key ``phase``): shaded
+_LEARNING_SHADES = {"basis": ("tab:orange", "basis learns"), "coefficients": ("tab:green", "coefficients learn")}
+_PANEL_OF = {"prunable_fraction": "sparsity"}  # the pruning rule's would-remove fraction beside the sparsity
+
 
 def _is_number(v: Any) -> bool:
     if isinstance(v, bool):
@@ -167,36 +171,64 @@ def _is_number(v: Any) -> bool:
     return False
 
 
-def _phase_series(phase: Any) -> dict[str, tuple[list[float], list[float]]]:
-    """metric -> (epochs, values) for one phase (a list of epoch dicts or a dict of lists)."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
+def _epoch_numbers(epochs: Sequence[Any], count: int) -> list[float]:
+    """x values numbered from 1 like the console: given numbers (shifted by one when they start
+    at 0, as a training loop counts), else 1, 2, ..."""
+    given = [float(e) if _is_number(e) else None for e in list(epochs)[:count]]
+    if len(given) < count or None in given:
+        return [float(i + 1) for i in range(count)]
+    shift = 1.0 if given and min(given) == 0 else 0.0
+    return [e + shift for e in given]
+
+
+def _phase_rows(phase: Any) -> list[Mapping[str, Any]]:
+    """One phase as a list of per-epoch dicts (a dict of per-epoch lists is transposed)."""
     if isinstance(phase, Mapping):
-        for key, values in phase.items():
-            if key in _SKIP_KEYS or not isinstance(values, Sequence) or isinstance(values, str):
-                continue
-            xs = phase.get("epoch")
-            pts = [(float(xs[i]) if isinstance(xs, Sequence) and i < len(xs) and _is_number(xs[i]) else i + 1, float(v))
-                   for i, v in enumerate(values) if _is_number(v)]
-            if pts:
-                series[key] = ([p[0] for p in pts], [p[1] for p in pts])
-        return series
+        lists = {k: v for k, v in phase.items() if isinstance(v, Sequence) and not isinstance(v, str)}
+        n = max((len(v) for v in lists.values()), default=0)
+        return [{k: v[i] for k, v in lists.items() if i < len(v)} for i in range(n)]
     if isinstance(phase, Sequence) and not isinstance(phase, str):
-        for i, epoch in enumerate(phase):
+        for epoch in phase:
             if not isinstance(epoch, Mapping):
                 raise TypeError(f"a phase given as a list must hold one dict per epoch, got {type(epoch).__name__}")
-            x = float(epoch["epoch"]) if _is_number(epoch.get("epoch")) else i + 1
-            for key, v in epoch.items():
-                if key in _SKIP_KEYS or not _is_number(v):
-                    continue
-                xs, ys = series.setdefault(key, ([], []))
-                xs.append(x)
-                ys.append(float(v))
-        return series
+        return list(phase)
     raise TypeError(f"cannot read learning curves from {type(phase).__name__}")
 
 
-def _normalize_history(history: Any) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
-    """phase -> metric -> (epochs, values)."""
+def _phase_series(phase: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """metric -> (epochs from 1, values) for one phase (a list of epoch dicts or a dict of lists)."""
+    rows = _phase_rows(phase)
+    xs = _epoch_numbers([r.get("epoch") for r in rows], len(rows))
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for x, row in zip(xs, rows):
+        for key, v in row.items():
+            if key in _SKIP_KEYS or not _is_number(v):
+                continue
+            points = series.setdefault(key, ([], []))
+            points[0].append(x)
+            points[1].append(float(v))
+    return series
+
+
+def learning_spans(phase: Any) -> list[tuple[float, float, str]]:
+    """(first epoch, last epoch, what learns) for each run of epochs in which only the basis or only
+    the coefficients learn (history key ``phase``), epochs numbered from 1."""
+    rows = _phase_rows(phase)
+    xs = _epoch_numbers([r.get("epoch") for r in rows], len(rows))
+    spans: list[tuple[float, float, str]] = []
+    for x, row in zip(xs, rows):
+        part = row.get("phase")
+        if part not in _LEARNING_SHADES:
+            continue
+        if spans and spans[-1][2] == part and spans[-1][1] == x - 1:
+            spans[-1] = (spans[-1][0], x, part)
+        else:
+            spans.append((x, x, part))
+    return spans
+
+
+def _normalize_history(history: Any) -> dict[str, Any]:
+    """phase name -> the phase's epochs ('' when ``history`` is one phase)."""
     def epoch_list(v: Any) -> bool:
         return isinstance(v, Sequence) and not isinstance(v, str) and all(isinstance(e, Mapping) for e in v)
 
@@ -204,15 +236,71 @@ def _normalize_history(history: Any) -> dict[str, dict[str, tuple[list[float], l
     if values and all(isinstance(v, Mapping) or epoch_list(v) for v in values) and any(
         isinstance(v, Mapping) or len(v) > 0 for v in values
     ):  # several phases (an empty phase is allowed next to a filled one)
-        return {str(name): _phase_series(phase) for name, phase in history.items()}
-    return {"": _phase_series(history)}
+        return {str(name): phase for name, phase in history.items()}
+    return {"": history}
 
 
 def _panel_name(metric: str) -> str:
+    if metric in _PANEL_OF:
+        return _PANEL_OF[metric]
     for prefix in _METRIC_PREFIXES:
         if metric.startswith(prefix) and len(metric) > len(prefix):
             return metric[len(prefix):]
     return metric
+
+
+def _choose_panels(phases: Mapping[str, Mapping[str, Any]], metrics: Iterable[str] | None) -> dict[str, list[str]]:
+    """panel -> its metric names, in first-seen order or in the order ``metrics`` asks for."""
+    panels: dict[str, list[str]] = {}
+    for series in phases.values():
+        for metric in series:
+            names = panels.setdefault(_panel_name(metric), [])
+            if metric not in names:
+                names.append(metric)
+    if metrics is not None:
+        chosen: dict[str, list[str]] = {}
+        for w in metrics:
+            if w in panels:
+                chosen[w] = panels[w]
+            elif _panel_name(w) in panels and w in panels[_panel_name(w)]:
+                chosen.setdefault(_panel_name(w), []).append(w)
+            else:
+                raise KeyError(f"metric {w!r} not in the history (found: {sorted(m for v in panels.values() for m in v)})")
+        panels = chosen
+    if not panels:
+        raise ValueError("the history holds no numeric metric to plot")
+    return panels
+
+
+def _draw_panel(ax, series: Mapping[str, Any], panel: str, names: list[str], spans) -> None:
+    """One panel: the learning shades behind, one line per metric, a legend where it helps."""
+    from matplotlib.ticker import MaxNLocator
+
+    for first, last, part in spans:
+        ax.axvspan(first - 0.5, last + 0.5, color=_LEARNING_SHADES[part][0], alpha=0.12, lw=0)
+    drawn = [m for m in names if m in series]
+    for metric in drawn:
+        xs, ys = series[metric]
+        label = "pruning rule would remove" if metric == "prunable_fraction" else metric
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label,
+                linestyle="--" if metric == "prunable_fraction" else "-")
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+    elif len(names) > 1 or names[0] != panel:
+        ax.legend(fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def _shade_legend(fig, phases: Mapping[str, Any]) -> None:
+    """A figure legend for the shades, when some phase has them."""
+    from matplotlib.patches import Patch
+
+    parts = {part for phase in phases.values() for _, _, part in learning_spans(phase)}
+    if parts:
+        handles = [Patch(color=_LEARNING_SHADES[p][0], alpha=0.3, label=_LEARNING_SHADES[p][1])
+                   for p in _LEARNING_SHADES if p in parts]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
 
 
 def plot_learning_curves(
@@ -226,64 +314,38 @@ def plot_learning_curves(
     ``history`` is one of
 
     * one phase as a list of per-epoch dicts: ``[{"epoch": 1, "train_loss": 2.1, "val_top1": 0.4,
-      "sparsity": 0.1}, ...]`` (``epoch`` is optional, default 1, 2, ...);
+      "sparsity": 0.1}, ...]`` (``epoch`` is optional, default 1, 2, ...; numbers counted from 0,
+      as a training loop's are, are drawn from 1 like the console prints them);
     * one phase as a dict of per-epoch lists: ``{"train_loss": [...], "val_top1": [...]}``
       (an optional ``"epoch"`` list gives the x values);
-    * several phases: ``{"retrain": <phase>, "finetune": <phase>}`` where each ``<phase>`` is
-      one of the two forms above; phases are drawn left to right in the given order.
+    * several phases: ``{"baseline": <phase>, "retrain": <phase>, "finetune": <phase>}``, drawn
+      left to right in the given order.
 
     Metrics that differ only by a ``train_``/``val_``/``test_``/``eval_`` prefix share a panel
-    (``train_loss`` and ``val_loss`` are two lines in the "loss" panel). Non-numeric values and
-    the keys ``epoch``, ``step``, ``time``... are ignored. ``metrics`` selects panels or metric
-    names (in that order); by default every metric found is drawn, panels in first-seen order.
+    (``train_loss`` and ``val_loss`` are two lines in the "loss" panel); ``prunable_fraction`` (the
+    fraction of coefficients the pruning rule would remove) is drawn dashed in the "sparsity" panel.
+    Epochs whose ``phase`` is ``basis`` or ``coefficients`` (the alternating schedule) are shaded.
+    Non-numeric values and the keys ``epoch``, ``step``, ``time``... are ignored. ``metrics`` selects
+    panels or metric names (in that order); by default every metric found is drawn.
     """
-    from matplotlib.ticker import MaxNLocator
-
     phases = _normalize_history(history)
-    panels: dict[str, list[str]] = {}
-    for series in phases.values():
-        for metric in series:
-            panels.setdefault(_panel_name(metric), [])
-            if metric not in panels[_panel_name(metric)]:
-                panels[_panel_name(metric)].append(metric)
-    if metrics is not None:
-        wanted = list(metrics)
-        chosen: dict[str, list[str]] = {}
-        for w in wanted:
-            if w in panels:
-                chosen[w] = panels[w]
-            elif _panel_name(w) in panels and w in panels[_panel_name(w)]:
-                chosen.setdefault(_panel_name(w), []).append(w)
-            else:
-                raise KeyError(f"metric {w!r} not in the history (found: {sorted(m for v in panels.values() for m in v)})")
-        panels = chosen
-    if not panels:
-        raise ValueError("the history holds no numeric metric to plot")
-
+    series = {name: _phase_series(phase) for name, phase in phases.items()}
+    panels = _choose_panels(series, metrics)
     n_rows, n_cols = len(panels), len(phases)
-    fig = _figure(min(4.5 * n_cols + 1.0, 18.0), min(2.6 * n_rows + 0.8, 16.0))
+    fig = _figure(min(4.5 * n_cols + 1.0, 18.0), min(2.6 * n_rows + 1.0, 16.0))
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharex="col")
-    for col, (phase, series) in enumerate(phases.items()):
+    for col, (phase, phase_series) in enumerate(series.items()):
+        spans = learning_spans(phases[phase])
         for row, (panel, names) in enumerate(panels.items()):
             ax = axes[row][col]
-            drawn = False
-            for metric in names:
-                if metric in series:
-                    xs, ys = series[metric]
-                    ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=metric)
-                    drawn = True
-            if not drawn:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
-            if drawn and (len(names) > 1 or names[0] != panel):
-                ax.legend(fontsize="small")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(True, alpha=0.3)
+            _draw_panel(ax, phase_series, panel, names, spans)
             if col == 0:
                 ax.set_ylabel(panel)
             if row == 0 and phase:
                 ax.set_title(phase)
             if row == n_rows - 1:
                 ax.set_xlabel("epoch")
+    _shade_legend(fig, phases)
     if title is not None:
         fig.suptitle(title)
     return _save(fig, path)

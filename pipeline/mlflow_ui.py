@@ -28,13 +28,15 @@ COLUMNS = (
     ("params", "prune.rule"),
     ("metrics", "val/top1"),
     ("metrics", "test/top1"),
-    ("metrics", "test/top1_drop_points"),
     ("metrics", "reduction/dense_macs_pct"),
-    ("metrics", "reduction/sparse_macs_pct"),
     ("metrics", "cost/dense_macs"),
     ("metrics", "speedup/latency_bs1"),
-    ("attributes", "Duration"),
 )
+# the chart view: trade-off scatters first, then the metric sections in this order (the UI adds
+# every metric's own chart to the section named by its prefix; unknown prefixes come after)
+SCATTERS = (("reduction/dense_macs_pct", "val/top1"), ("reduction/dense_macs_pct", "test/top1"),
+            ("reduction/sparse_macs_pct", "test/top1"))
+SECTIONS = ("trade-off", "val", "test", "reduction", "cost", "speedup", "latency", "baseline")
 
 
 def column_key(kind: str, name: str) -> str:
@@ -52,7 +54,20 @@ def runs_view_state() -> dict:
         "selectedColumns": [column_key(kind, name) for kind, name in COLUMNS],
         "runsHiddenMode": "SHOW_ALL",
         "hideEmptyCharts": True,
+        **chart_layout(),
     }
+
+
+def chart_layout() -> dict:
+    """Sections in a useful order (not alphabetical, where ``baseline`` came first) and the
+    validation/test top-1 against MAC reduction scatters at the top."""
+    sections = [{"uuid": f"penni-section-{name}", "name": name, "display": True, "isReordered": False,
+                 "deleted": False, "isGenerated": False} for name in SECTIONS]
+    charts = [{"uuid": f"penni-scatter-{i}", "type": "SCATTER", "runsCountToCompare": 100,
+               "metricSectionId": "penni-section-trade-off", "deleted": False, "isGenerated": False,
+               "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"}}
+              for i, (x, y) in enumerate(SCATTERS)]
+    return {"compareRunSections": sections, "compareRunCharts": charts, "isAccordionReordered": True}
 
 
 def experiment_tags() -> dict[str, str]:

@@ -352,3 +352,37 @@ def test_experiment_opens_in_the_runs_view_with_penni_columns(uri, exp):
     _client(uri).delete_experiment_tag(tr.experiment_id, "mlflow.experimentKind")
     Tracker(uri, exp, "r")
     assert _client(uri).get_experiment(tr.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_compressed_model_is_an_mlflow_model_that_can_be_registered(uri, exp, tmp_path):
+    """A pyfunc under the parent run's logged models, registered, loaded back: same logits as penni.load."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    import penni
+    from penni.models import build_model
+    from pipeline.mlflow_model import log_compressed_model
+
+    weights = tmp_path / "evaluate" / "compressed.safetensors"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    penni.save(penni.decompose(build_model("fashion_cnn", num_classes=10, in_channels=1), d=3), weights)
+    store = SimpleNamespace(read_manifest=lambda stage: {"files": {}}, fetch_stage=lambda stage, dest: weights.parent)
+    cfg = SimpleNamespace(name="r", data=SimpleNamespace(image_size=28), model=SimpleNamespace(in_channels=1))
+    tr = Tracker(uri, exp, "r")
+    with tr.parent_run({}):
+        info = log_compressed_model(tr, store, cfg, register_as=f"{exp}-model")
+    c = _client(uri)
+    assert [m.model_id for m in c.search_logged_models([tr.experiment_id])] == [info.model_id]
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert c.get_model_version(f"{exp}-model", "1").run_id == tr.parent_run_id
+    mlflow.set_tracking_uri(uri)
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    got = mlflow.pyfunc.load_model(f"models:/{exp}-model/1").predict(x)
+    with torch.inference_mode():
+        want = penni.load(weights).eval()(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # no compressed model (evaluate did not run): nothing is logged
+    assert log_compressed_model(tr, SimpleNamespace(read_manifest=lambda stage: None), cfg) is None

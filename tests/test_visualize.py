@@ -90,3 +90,19 @@ def test_plot_learning_curves_single_dict_and_errors(tmp_path):
         plot_learning_curves({"loss": [1.0, 0.5]}, tmp_path / "x.png", metrics=["top5"])
     with pytest.raises(ValueError):
         plot_learning_curves([{"note": "no numbers"}], tmp_path / "y.png")
+
+
+def test_learning_curves_number_epochs_from_1_and_shade_what_learns(tmp_path):
+    from penni.visualize import _phase_series, learning_spans
+
+    retrain = [{"epoch": e, "phase": p, "val_top1": 0.5, "sparsity": 0.0, "prunable_fraction": 0.1 * e}
+               for e, p in enumerate(["coefficients", "coefficients", "basis", "coefficients", "all"])]
+    assert _phase_series(retrain)["val_top1"][0] == [1.0, 2.0, 3.0, 4.0, 5.0]  # the loop counts from 0
+    assert _phase_series(_epochs(3, 1.0))["val_top1"][0] == [1.0, 2.0, 3.0]  # already from 1: kept
+    assert learning_spans(retrain) == [(1.0, 2.0, "coefficients"), (3.0, 3.0, "basis"), (4.0, 4.0, "coefficients")]
+    assert learning_spans(_epochs(3, 1.0)) == []
+    history = {"baseline": _epochs(2, 2.0), "retrain": retrain, "finetune": _epochs(2, 0.5)}
+    img = _check_png(plot_learning_curves(history, tmp_path / "three.png", metrics=["top1", "sparsity"]))
+    two = _check_png(plot_learning_curves({"retrain": retrain, "finetune": _epochs(2, 0.5)}, tmp_path / "two.png",
+                                          metrics=["top1", "sparsity"]))
+    assert img.shape[1] > two.shape[1]  # the baseline's column
