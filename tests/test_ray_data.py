@@ -110,6 +110,8 @@ def _pipeline(tmp_path, shards, loader: str) -> dict:
     return json.loads((storage / "tiny" / "baseline" / "manifest.json").read_text())["metrics"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_tiny_pipeline_on_ray_data_matches_the_row_sampler_path(shards, tmp_path, local_ray):
     ray_data = _pipeline(tmp_path, shards, "ray_data")
     torch_path = _pipeline(tmp_path, shards, "torch")
