@@ -147,6 +147,10 @@ def write_docs(results_dir: Path, docs_path: Path) -> Path:
              "PENNI's schedule (baseline, decompose, retrain with alternation and L1, prune, fine-tune, shrink) on "
              "Fashion-MNIST at 32x32, against Torch-Pruning's magnitude channel pruning from the same baseline at the "
              "same dense-executable MACs.\n"]
+    if list(found) == ["tiny"]:
+        parts.append("**Only the tiny smoke test has result files so far; its numbers mean nothing.** The reduced CPU "
+                     "reproduction is `python workflows/reproduce.py --scale cpu`, the full one `python "
+                     "workflows/reproduce.py --scale gpu --device cuda`; then regenerate this page.\n")
     for i, (scale, path) in enumerate(found.items()):
         results = json.loads(path.read_text())
         parts.append(scale_markdown(results, _relative_prefix(docs_path, path.parent), seed_table=i == 0))
