@@ -288,6 +288,9 @@ def _draw_panel(ax, series: Mapping[str, Any], panel: str, names: list[str], spa
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
     elif len(names) > 1 or names[0] != panel:
         ax.legend(fontsize="small")
+    epochs = [x for m in drawn for x in series[m][0]]
+    if epochs:  # whole epochs, half an epoch of room (one epoch alone is not drawn at 0.95..1.05)
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
 
