@@ -139,20 +139,3 @@ def comparison_lines(evaluation: dict) -> list[str]:
                      f"{s[f'ort_latency_speedup_bs{bs}']:.2f}x")
         lines.append(line + ")")
     return lines
-
-
-# The sweep's imports until it uses pipeline.launch (helper H1); remove these two lines then.
-_use_ray, _start_ray, _log_summary = use_ray, start_ray, log_summary
-
-
-def attach_tracker(cfg, uri: str, store, tags: dict | None = None):
-    """Deprecated (use ``pipeline.tracking.parent_run``): the run's MLflow parent, left open."""
-    from .config import flatten
-    from .tracking import Tracker
-
-    tracker = Tracker(uri, cfg.tracking.experiment, cfg.name)
-    state = store.read_json("pipeline.json") or {}
-    parent = tracker.start_parent(state.get("mlflow_parent_run_id"), flatten(cfg),
-                                  tags={"penni.config": cfg.name, **(tags or {})})
-    store.write_json_atomic("pipeline.json", {**state, "mlflow_parent_run_id": parent, "tracking_uri": uri})
-    return tracker
