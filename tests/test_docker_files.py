@@ -88,8 +88,12 @@ def find_commands(text: str, extra_lines: list[str] = ()) -> list[tuple[str, tup
         for match in PROGRAM_RE.finditer(line):
             program = match.group(1) or " ".join(match.group(2).split())
             tail = line[match.end():].split("`", 1)[0]
+            try:
+                tokens = shlex.split(tail, comments=True)
+            except ValueError as err:
+                raise AssertionError(f"cannot split the command line {line.strip()!r}: {err}") from None
             argv = []
-            for token in shlex.split(tail, comments=True):
+            for token in tokens:
                 if token in SHELL_ENDS:
                     break
                 argv.append(token)
@@ -225,6 +229,13 @@ def problems_in(commands) -> list[str]:
 def test_every_command_line_parses_and_resolves(path):
     commands = commands_in(path)
     assert any(program == "workflows/full_pipeline.py" for program, _ in commands), commands
+    assert not problems_in(commands), "\n".join(problems_in(commands))
+
+
+@pytest.mark.parametrize("script", ["full_pipeline.py", "sweep.py"])
+def test_entry_point_docstring_commands_parse(script):
+    commands = find_commands((REPO / "workflows" / script).read_text())
+    assert any(program == f"workflows/{script}" and argv for program, argv in commands), commands
     assert not problems_in(commands), "\n".join(problems_in(commands))
 
 
