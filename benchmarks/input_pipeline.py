@@ -35,11 +35,9 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from pipeline.shards import ParquetImageDataset, open_shard, write_parquet_shards  # noqa: E402
-from pipeline.splits import DataSplits  # noqa: E402
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformPolicy, policy_transforms  # noqa: E402
+from pipeline.shards import ParquetImageDataset, open_shard, write_parquet_shards
+from pipeline.splits import DataSplits
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformPolicy, policy_transforms
 
 POLICY = TransformPolicy("imagenet", True, IMAGENET_MEAN, IMAGENET_STD, 224, "imagenet")
 
