@@ -8,6 +8,7 @@
 # Usage: bash benchmarks/gpu_check.sh [extra inference_latency.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the lent GPU machines have the tree, not the package
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
