@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$device" in cuda|cpu) ;; *) echo "error: --device must be cuda or cpu, got '$device'" >&2; exit 2 ;; esac
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the lent GPU machines have the tree, not the package
+source benchmarks/ensure_gpu_deps.sh   # the lent GPU machines have the tree, not the package, and no pydantic
 export PYTHONUNBUFFERED=1
 dest="${OUT:-benchmarks/results/gpu_smoke_$device}"
 mkdir -p "$dest"
