@@ -57,13 +57,17 @@ def _mlflow_server(db_uri: str, log: Path) -> Iterator[str]:
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
-    """Headless Chromium (a fresh profile each time) with 30 s of virtual time for the page's requests."""
+    """Headless Chromium (a fresh profile each time) with 90 s of virtual time: the charts load lazily."""
     return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--hide-scrollbars", "--window-size=1600,1000", "--virtual-time-budget=30000", *args],
+                           "--hide-scrollbars", "--window-size=2000,1000", "--virtual-time-budget=90000", *args],
                           capture_output=True, text=True, timeout=300)
 
 
