@@ -26,7 +26,7 @@ COLUMNS = ("test_top1", "params", "nonzero_params", "sparse_macs", "dense_macs",
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run (VGG16 at 1/8 width, 256 images, 1 epoch per stage, on-device loader on the CPU) + its doc."""
+    """One tiny run (VGG16 at 1/8 width, 128 images, 1 epoch per stage, on-device loader on the CPU) + its doc."""
     root = tmp_path_factory.mktemp("reproduce")
     results_dir = root / "results"
     out = results_dir / "reproduce_tiny"
@@ -47,6 +47,7 @@ def _doc_table(doc: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.timeout(1800)  # the module's one tiny run (about 1-2 min on 2 idle cores) is timed here
 def test_table_has_every_row_and_column(tiny_run):
     results, markdown, _ = tiny_run
     run = results["models"]["vgg16"]

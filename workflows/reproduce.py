@@ -88,11 +88,11 @@ SCALES: dict[str, Scale] = {
              "10,000-image test split, 32x32; epochs baseline 8 / retrain 6 / fine-tune 3"),
     "tiny": Scale(
         models=("vgg16",), width=0.125, round_to=None,
-        overrides=("data.train_subset=256", "data.val_subset=128", "data.test_subset=256", "data.batch_size=64",
-                   "data.eval_batch_size=256", "data.loader_workers=0", "baseline.epochs=1", "retrain.epochs=1",
-                   "finetune.epochs=1", "evaluate.latency_batch_sizes=[1,64]", "evaluate.latency_repeats=2",
+        overrides=("data.train_subset=128", "data.val_subset=64", "data.test_subset=128", "data.batch_size=32",
+                   "data.eval_batch_size=128", "data.loader_workers=0", "baseline.epochs=1", "retrain.epochs=1",
+                   "finetune.epochs=1", "evaluate.latency_batch_sizes=[1,64]", "evaluate.latency_repeats=1",
                    "prune.rule=channels+std", "prune.target_dense_macs_reduction=0.5"),
-        note="TINY (a smoke test, numbers meaningless): VGG16 at 1/8 width, 256 training images, 1 epoch per "
+        note="TINY (a smoke test, numbers meaningless): VGG16 at 1/8 width, 128 training images, 1 epoch per "
              "stage, prune.rule=channels+std to -50% dense MACs (so there is a dense-MAC target to match)"),
 }
 CONFIGS = {"vgg16": "fashion_vgg16", "resnet18": "fashion_resnet18"}
