@@ -19,6 +19,8 @@ from pipeline.sweep.plan import build_plan, parse_args
 from pipeline.sweep.tuning import concurrent_trials
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(1800)  # ~6 min on an idle 2-core machine; room for a loaded one
 SWEEP = "sw"
 TRIALS = [f"{SWEEP}-t{i:02d}" for i in range(4)]
 FULL_FINETUNE_EPOCHS = 2   # the winner's; trials fine-tune for 1
