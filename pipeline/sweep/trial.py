@@ -80,12 +80,31 @@ def _run_stages(cfg, store, spec: dict, trial: dict):
     uri = spec["tracking_uri"]
     with parent_run(cfg, uri, store, tags, config_name=spec["config_label"]) as tracker:
         log = lambda m: print(f"[{cfg.name}] {m}", flush=True)  # noqa: E731
-        outcomes = Pipeline(cfg, use_ray=not cfg.ray.in_process, tracker=tracker, log=log, train_callbacks=callbacks,
-                            stage_tasks=False).run(stages=list(TRIAL_STAGES))
+        pipeline = Pipeline(cfg, use_ray=not cfg.ray.in_process, tracker=tracker, log=log,
+                            train_callbacks=callbacks, stage_tasks=False)
+        _replay_done_epochs(pipeline, store)
+        outcomes = pipeline.run(stages=list(TRIAL_STAGES))
         if tracker is not None:
             metrics = trial_metrics(outcomes, trial["params"], cfg.evaluate.latency_batch_sizes[0])
             tracker.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
     return outcomes
+
+
+def _replay_done_epochs(pipeline, store) -> None:
+    """A resumed trial reports the epochs of its training stages already done again (from their history),
+    so that ASHA compares every trial at the same epoch count."""
+    import json
+
+    import ray.tune
+
+    plan = pipeline.plan()
+    for stage in ("retrain", "finetune"):
+        if plan.get(stage) != "skip":
+            return
+        path = store.local_path(stage) / "history.json"
+        for epoch in (json.loads(path.read_text()) if path.exists() else []):
+            ray.tune.report({k: float(v) for k, v in epoch.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
 def _invalidate_if_base_changed(store, base_sha: str, log) -> None:
