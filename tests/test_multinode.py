@@ -20,6 +20,7 @@ import penni
 from penni.models import build_model
 from pipeline.config import load_config, to_dict
 from pipeline.distributed import TrainJob, replica_digest, run_training
+from pipeline.stages import retrain_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,8 @@ def test_retrain_on_two_nodes_keeps_replicas_identical(two_node_cluster, tmp_pat
     cfg = load_config("tiny", [
         f"storage={tmp_path / 'runs'}", "retrain.epochs=2", "retrain.alternate_every=1",
         "retrain.start_with=coefficients", "ray.num_workers=2", "ray.cpus_per_worker=1"])
-    job = TrainJob(stage="retrain", config=to_dict(cfg), input_model=str(input_path))
+    job = TrainJob(stage="retrain", config=to_dict(cfg), input_model=str(input_path),
+                   training=retrain_training(cfg.retrain))  # L1 and the alternating basis/coefficient schedule
 
     final_dir, result = run_training(
         job, use_ray=True, run_name="multinode-retrain", storage=(str(tmp_path / "train"), None),
