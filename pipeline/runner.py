@@ -105,7 +105,7 @@ def _run(cfg, args: argparse.Namespace, store) -> int:
 def summary_lines(outcomes, store, tracker, seconds: float) -> list[str]:
     """The closing lines: baseline vs compressed (the full table is the report's summary.md), then where
     things are (the stages' own lines came before)."""
-    lines = [""]
+    lines = []  # no blank line: the default run stays within 40 lines in a log
     report = store.local_path("report")
     if report is not None and (report / "evaluation.json").exists():
         lines += comparison_lines(json.loads((report / "evaluation.json").read_text()))
