@@ -10,7 +10,7 @@ A few calls around your own model and training loop::
 from .conv import FORWARD_MODES, INFERENCE_MODES, PenniConv2d, penni_layers, set_forward_mode
 from .decompose import decompose, svd_factors
 from .masking import bake_masks, hold_mask
-from .prune import ChannelPruneReport, coefficient_sparsity, hold_zeros, prune, prune_channels
+from .prune import ChannelPruneReport, coefficient_sparsity, hold_zeros, prunable_fraction, prune, prune_channels
 from .recipe import Recipe, get_recipe, set_constructor
 from .regularization import group_l1_penalty, l1_penalty, sparsity_penalty
 from .schedule import AlternatingSchedule
@@ -18,7 +18,7 @@ from .schedule import AlternatingSchedule
 __all__ = [
     "PenniConv2d", "FORWARD_MODES", "INFERENCE_MODES", "set_forward_mode", "penni_layers",
     "decompose", "svd_factors", "l1_penalty", "group_l1_penalty", "sparsity_penalty", "AlternatingSchedule",
-    "prune", "prune_channels", "ChannelPruneReport", "hold_zeros", "hold_mask", "bake_masks", "coefficient_sparsity",
+    "prune", "prune_channels", "prunable_fraction", "ChannelPruneReport", "hold_zeros", "hold_mask", "bake_masks", "coefficient_sparsity",
     "Recipe", "get_recipe", "set_constructor",
 ]
 

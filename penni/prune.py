@@ -70,19 +70,7 @@ def prune(
     tensors = [t for t in prunable_tensors(model, include_pointwise) if t[0] not in exclude]
     if not tensors:
         raise ValueError("prune found nothing to prune: decompose the model first (penni.decompose)")
-    if rule == "std":
-        if s <= 0:
-            raise ValueError(f"s must be > 0, got {s}")
-        thresholds = {name: s * getattr(m, t).detach().float().std(unbiased=False) for name, m, t in tensors}
-    elif rule == "sparsity":
-        if target is None or not 0.0 < target < 1.0:
-            raise ValueError(f"rule='sparsity' needs a target in (0, 1), got {target!r}")
-        magnitudes = torch.cat([getattr(m, t).detach().abs().flatten().float() for _, m, t in tensors])
-        k = int(round(target * magnitudes.numel()))
-        threshold = magnitudes.kthvalue(k).values if k > 0 else magnitudes.new_tensor(-1.0)
-        thresholds = {name: threshold for name, _, _ in tensors}
-    else:
-        raise ValueError(f"unknown pruning rule {rule!r}: use 'std', 'sparsity' or 'channels'")
+    thresholds = _element_thresholds(tensors, rule, s, target)
     sparsity = {}
     for name, module, tensor_name in tensors:
         values = getattr(module, tensor_name).detach()
@@ -93,6 +81,45 @@ def prune(
         hold_mask(module, tensor_name, keep.to(values.dtype))
         sparsity[name] = 1.0 - float(get_mask(module, tensor_name).mean())
     return sparsity
+
+
+def _element_thresholds(tensors: list[tuple[str, nn.Module, str]], rule: str, s: float,
+                        target: float | None) -> dict[str, torch.Tensor]:
+    """Per prunable tensor, the magnitude under which the element rule ``rule`` zeroes an entry."""
+    if rule == "std":
+        if s <= 0:
+            raise ValueError(f"s must be > 0, got {s}")
+        return {name: s * getattr(m, t).detach().float().std(unbiased=False) for name, m, t in tensors}
+    elif rule == "sparsity":
+        if target is None or not 0.0 < target < 1.0:
+            raise ValueError(f"rule='sparsity' needs a target in (0, 1), got {target!r}")
+        magnitudes = torch.cat([getattr(m, t).detach().abs().flatten().float() for _, m, t in tensors])
+        k = int(round(target * magnitudes.numel()))
+        threshold = magnitudes.kthvalue(k).values if k > 0 else magnitudes.new_tensor(-1.0)
+        return {name: threshold for name, _, _ in tensors}
+    else:
+        raise ValueError(f"unknown pruning rule {rule!r}: use 'std', 'sparsity' or 'channels'")
+
+
+def prunable_fraction(model: nn.Module, rule: str = "std", s: float = 1.0, target: float | None = None,
+                      include_pointwise: bool = False) -> float:
+    """Fraction of the prunable entries that the element rule ``rule`` ("std" or "sparsity") would zero now.
+
+    Leaves the model unchanged: during sparse retraining it shows how far the L1 penalty has pushed the
+    coefficients towards what pruning will remove (entries already zero count as removed).
+    """
+    tensors = prunable_tensors(model, include_pointwise)
+    if not tensors:
+        return 0.0
+    thresholds = _element_thresholds(tensors, rule, s, target)
+    removed = total = 0
+    with torch.no_grad():
+        for name, module, tensor_name in tensors:
+            values = getattr(module, tensor_name).detach().float().abs()
+            below = values < thresholds[name] if rule == "std" else values <= thresholds[name]
+            removed += int((below | (values == 0)).sum())
+            total += values.numel()
+    return removed / total
 
 
 def hold_zeros(model: nn.Module, include_pointwise: bool = False) -> None:
