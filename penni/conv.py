@@ -1,6 +1,7 @@
 """PenniConv2d: a convolution whose kernels are combinations of d shared basis kernels."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -138,11 +139,13 @@ class PenniConv2d(nn.Module):
         """``(CSR mix matrix over the kept input channels, kept channels or None when all are kept)``."""
         full = self.mix_matrix()
         alive = full.reshape(self.out_channels, self.in_channels, self.d).ne(0).any(dim=2).any(dim=0)
-        if bool(alive.all()):
-            return full.to_sparse_csr(), None
-        keep = alive.nonzero().flatten()
-        columns = (keep[:, None] * self.d + torch.arange(self.d, device=keep.device)).flatten()
-        return full.index_select(1, columns).to_sparse_csr(), keep
+        keep = None if bool(alive.all()) else alive.nonzero().flatten()
+        if keep is not None:
+            columns = (keep[:, None] * self.d + torch.arange(self.d, device=keep.device)).flatten()
+            full = full.index_select(1, columns)
+        with warnings.catch_warnings():  # PyTorch's "sparse CSR is beta" notice: the sparse forms are opt-in and timed
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return full.to_sparse_csr(), keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.forward_mode
