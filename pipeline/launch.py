@@ -182,6 +182,9 @@ def log_summary(tracker, store) -> None:
     report = store.local_path("report")
     manifest = store.read_manifest("evaluate") or {}
     summary = {k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, (int, float))}  # names: metric_names.py
+    finetuned = (store.read_manifest("finetune") or {}).get("metrics", {})
+    if "selected_val_top1" in finetuned:  # the compressed model's validation top-1 (val/top1), as a sweep trial's
+        summary["val_top1"] = finetuned["selected_val_top1"]
     tracker.log_parent_metrics(summary)
     if report is not None:
         for path in sorted(report.iterdir()):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Sequence
@@ -30,6 +31,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "'auto': the cluster `ray start` made on this machine)")
     parser.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--register-model", default=None, metavar="NAME",
+                        help="register the compressed model (logged to MLflow as a pyfunc) under NAME in the model registry")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's and MLflow's own output (always in Ray's log files)")
     parser.add_argument("--debug", action="store_true",
@@ -85,13 +88,14 @@ def _run(cfg, args: argparse.Namespace, store) -> int:
     quiet_output(args.verbose)
     print(f"penni pipeline '{cfg.name}' -> {store.root}  ({'Ray' if ray_on else 'in-process'})", flush=True)
     try:
-        with parent_run(cfg, tracking_uri(cfg, args.tracking_uri, store), store, config_name=cfg.name) as tracker:
+        with parent_run(cfg, tracking_uri(cfg, args.tracking_uri, store), store, config_name=config_label(args)) as tracker:
             if ray_on:
                 start_ray(cfg, verbose=args.verbose)
             with console.session(STAGES, use_ray=ray_on) as display:
                 outcomes = Pipeline(cfg, use_ray=ray_on, tracker=tracker, log=display.dag_line).run()
             if tracker is not None:
                 log_summary(tracker, store)
+                _log_model(tracker, store, cfg, args.register_model)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -100,6 +104,24 @@ def _run(cfg, args: argparse.Namespace, store) -> int:
         return 1
     print("\n".join(summary_lines(outcomes, store, tracker, time.perf_counter() - started)))
     return 0
+
+
+def _log_model(tracker, store, cfg, register_as: str | None) -> None:
+    """Log the compressed model to MLflow; a failure only warns, unless the user asked to register it."""
+    from .mlflow_model import log_compressed_model
+
+    try:
+        log_compressed_model(tracker, store, cfg, register_as)
+    except Exception as err:  # noqa: BLE001 - the compressed model is already committed in the run's storage
+        if register_as is not None:
+            raise
+        print(f"warning: the compressed model was not logged to MLflow ({type(err).__name__}: {err}); "
+              "it is in the run's evaluate stage", file=sys.stderr)
+
+
+def config_label(args: argparse.Namespace) -> str:
+    """What the ``penni.config`` tag holds: the shipped config's name or the YAML file's stem."""
+    return os.path.splitext(os.path.basename(args.config))[0] if args.config else "quickstart"
 
 
 def summary_lines(outcomes, store, tracker, seconds: float) -> list[str]:
