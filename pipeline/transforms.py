@@ -65,6 +65,17 @@ def _open_image(base: Any, i: int):
     return Image.open(base.samples[int(i)][0])
 
 
+def _decoded_rgb(base: Any, i: int):
+    """Item ``i`` decoded to RGB; an undecodable image is a DataError naming it (not a traceback)."""
+    try:
+        with _open_image(base, i) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, unknown format, broken header
+        where = base.samples[int(i)][0] if hasattr(base, "samples") else f"row {int(i)} of the shards"
+        raise DataError(f"cannot decode the image {where} ({type(err).__name__}: {err}); "
+                        "remove or replace that file.") from None
+
+
 def stored_image_size(base: Any, indices: np.ndarray) -> int:
     """Median longer side of a sample of the stored images (headers only)."""
     sides = []
@@ -134,8 +145,7 @@ def _statistics(base: Any, indices: Sequence[int], image_size: int
     square = torch.zeros(3, dtype=torch.float64)
     pixels = 0
     for i in indices:
-        with _open_image(base, i) as img:
-            x = view(img.convert("RGB")).to(torch.float64).div_(255.0)
+        x = view(_decoded_rgb(base, i)).to(torch.float64).div_(255.0)
         total += x.sum(dim=(1, 2))
         square += (x * x).sum(dim=(1, 2))
         pixels += x.shape[1] * x.shape[2]
