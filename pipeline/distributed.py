@@ -71,6 +71,7 @@ class StageTraining:
     alternate_every: int | None = None    # basis and coefficients learn in alternation (None: all every epoch)
     start_with: str = "coefficients"
     distillation: Distillation | None = None
+    prune_preview: dict | None = None     # penni.prunable_fraction kwargs: per epoch, what pruning would remove
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageTraining":
@@ -308,10 +309,13 @@ def penalties(run: TrainingRun, objective: float) -> dict:
     if not extras.log_penalties:
         return {}
     with torch.no_grad():
-        return {"train_objective": objective,
-                "l1_penalty": float(penni.l1_penalty(run.plain_model, extras.include_pointwise)),
-                "group_l1_penalty": float(penni.group_l1_penalty(run.plain_model,
-                                                                 include_pointwise=extras.include_pointwise))}
+        logged = {"train_objective": objective,
+                  "l1_penalty": float(penni.l1_penalty(run.plain_model, extras.include_pointwise)),
+                  "group_l1_penalty": float(penni.group_l1_penalty(run.plain_model,
+                                                                   include_pointwise=extras.include_pointwise))}
+    if extras.prune_preview:
+        logged["prunable_fraction"] = penni.prunable_fraction(run.plain_model, **extras.prune_preview)
+    return logged
 
 
 def keep_best(run: TrainingRun, epoch: int, metrics: dict) -> None:

@@ -127,16 +127,25 @@ def run_decompose(ctx: StageContext) -> dict:
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
 
-def retrain_training(rcfg: Any) -> StageTraining:
+def retrain_training(rcfg: Any, pcfg: Any = None) -> StageTraining:
     """Retraining's additions to the loop: L1 and group lasso (logged per epoch), basis and coefficients
-    in alternation."""
+    in alternation, and (given the prune config) the fraction of coefficients its element rule would remove."""
     return StageTraining(l1=rcfg.l1, group_l1=rcfg.group_l1, include_pointwise=rcfg.include_pointwise,
-                         log_penalties=True, alternate_every=rcfg.alternate_every, start_with=rcfg.start_with)
+                         log_penalties=True, alternate_every=rcfg.alternate_every, start_with=rcfg.start_with,
+                         prune_preview=_prune_preview(pcfg))
+
+
+def _prune_preview(pcfg: Any) -> dict | None:
+    """``penni.prunable_fraction`` arguments for the element part of ``prune.rule`` (None: channels only)."""
+    element_rule = pcfg.rule.split("+")[-1] if pcfg is not None else "channels"
+    if element_rule == "channels" or (element_rule == "sparsity" and pcfg.target is None):
+        return None
+    return {"rule": element_rule, "s": pcfg.s, "target": pcfg.target, "include_pointwise": pcfg.include_pointwise}
 
 
 def run_retrain(ctx: StageContext) -> dict:
     """L1 on the coefficients, basis and coefficients trained in alternation; keeps the last epoch."""
-    return _run_training(ctx, ctx.input_model("decompose"), select="last", training=retrain_training(ctx.cfg.retrain))
+    return _run_training(ctx, ctx.input_model("decompose"), select="last", training=retrain_training(ctx.cfg.retrain, ctx.cfg.prune))
 
 
 def run_prune(ctx: StageContext) -> dict:
@@ -149,7 +158,7 @@ def run_prune(ctx: StageContext) -> dict:
     if pcfg.rule.startswith("channels"):  # "channels", "channels+std", "channels+sparsity"
         x = example_batch(build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), batch_size=8)
         report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
-        console.report_line(report.summary())
+        console.report_line(report.summary().splitlines()[0])  # per-layer widths: channels.json
         _write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
         metrics = {"predicted_dense_macs_reduction": report.reduction, "channel_groups_removed": report.groups_removed}
     element_rule = pcfg.rule.split("+")[-1]
@@ -355,10 +364,10 @@ def run_report(ctx: StageContext) -> dict:
         pictures.append(visualize.plot_reconstructed(layer, out / "reconstructed_weights.png", original_weight=original,
                                                      title=f"{layer_name}: reconstructed vs original kernels"))
     curves = {stage: json.loads((ctx.inputs[stage] / HISTORY_FILE).read_text())
-              for stage in ("retrain", "finetune") if (ctx.inputs[stage] / HISTORY_FILE).exists()}
+              for stage in ("baseline", "retrain", "finetune") if (ctx.inputs[stage] / HISTORY_FILE).exists()}
     if curves:
         pictures.append(visualize.plot_learning_curves(curves, out / "learning_curves.png",
-                                                       title="PENNI retraining and fine-tuning",
+                                                       title="PENNI: baseline, retraining and fine-tuning",
                                                        metrics=["loss", "top1", "sparsity", "l1_penalty", "lr"]))
     evaluation = json.loads((ctx.inputs["evaluate"] / "evaluation.json").read_text())
     (out / "summary.md").write_text(summary_markdown(evaluation["summary"], evaluation["models"]))
