@@ -217,3 +217,16 @@ def test_alternating_schedule_freezes_by_gradient_dropping():
         coef_moved = not torch.equal(before[1], layer.coefficients)
         assert (basis_moved, coef_moved) == ((False, True) if epoch == 0 else (True, False))
     assert all(p.requires_grad for p in model.parameters())  # never toggled (DDP-safe)
+
+
+def test_decompose_a_layer_with_fewer_kernels_than_d():
+    """A 1 -> 4 channel 3x3 stem has 4 kernels; d=5 still gives 5 basis kernels (the extra one unused), exactly."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        penni.decompose(model, d=5)
+        assert model[0].basis.shape == (5, 3, 3) and model[0].coefficients.shape == (4, 1, 5)
+        assert torch.allclose(model(x), expected, atol=1e-5)  # 4 kernels span at most 4 directions: exact
