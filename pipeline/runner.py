@@ -141,23 +141,31 @@ def summary_lines(outcomes, store, tracker, seconds: float) -> list[str]:
 
 
 def comparison_lines(evaluation: dict) -> list[str]:
-    """Baseline -> compressed, one line per measure (test top-1, size, MACs, latency per batch size)."""
+    """Baseline vs compressed as a Markdown table: test top-1, size, MACs, latency per batch size."""
     s, b, c = evaluation["summary"], evaluation["models"]["baseline"], evaluation["models"]["compressed"]
     threads = f", {s['torch_threads']} threads" if "torch_threads" in s else ""
-    lines = [f"Baseline vs compressed (test split; latency on {s.get('device', '?')}{threads}):",
-             f"  test top-1     {100 * b['test_top1']:.2f}% -> {100 * c['test_top1']:.2f}%  "
-             f"({-s['top1_drop_points']:+.2f} pt)",
-             f"  parameters     {b['params']:,} -> {c['params']:,}  (-{s['params_reduction_pct']:.1f}%)",
-             f"  MACs, sparse   {b['sparse_macs']:,} -> {c['sparse_macs']:,}  "
-             f"(-{s['sparse_macs_reduction_pct']:.1f}%, the paper's rule)",
-             f"  MACs, dense    {b['dense_macs']:,} -> {c['dense_macs']:,}  (-{s['dense_macs_reduction_pct']:.1f}%)"]
+    rows = [(f"Baseline vs compressed (test split; latency on {s.get('device', '?')}{threads})", "baseline", "compressed", "change"),
+            ("---", "---:", "---:", "---:"),
+            ("test top-1 %", f"{100 * b['test_top1']:.2f}", f"{100 * c['test_top1']:.2f}",
+             f"{-s['top1_drop_points']:+.2f} pt"),
+            ("parameters", f"{b['params']:,}", f"{c['params']:,}", f"-{s['params_reduction_pct']:.1f}%"),
+            ("MACs, sparse (paper rule)", f"{b['sparse_macs']:,}", f"{c['sparse_macs']:,}",
+             f"-{s['sparse_macs_reduction_pct']:.1f}%"),
+            ("MACs, dense-executable", f"{b['dense_macs']:,}", f"{c['dense_macs']:,}",
+             f"-{s['dense_macs_reduction_pct']:.1f}%")]
     sizes = sorted(int(k.removeprefix("latency_ms_bs")) for k in b if k.startswith("latency_ms_bs"))
-    for bs in sizes:
-        mode = c.get(f"latency_mode_bs{bs}")
-        line = (f"  latency bs {bs:<4} {b[f'latency_ms_bs{bs}']:.2f} -> {c[f'latency_ms_bs{bs}']:.2f} ms"
-                f"{f' ({mode})' if mode else ''}  ({s[f'latency_speedup_bs{bs}']:.2f}x")
-        if f"ort_latency_ms_bs{bs}" in c and f"ort_latency_speedup_bs{bs}" in s:
-            line += (f"; ONNX Runtime {b[f'ort_latency_ms_bs{bs}']:.2f} -> {c[f'ort_latency_ms_bs{bs}']:.2f} ms, "
-                     f"{s[f'ort_latency_speedup_bs{bs}']:.2f}x")
-        lines.append(line + ")")
-    return lines
+    rows += [_latency_row(s, b, c, bs) for bs in sizes]
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _latency_row(s: dict, b: dict, c: dict, bs: int) -> tuple[str, str, str, str]:
+    """One batch size's latency: PyTorch (and ONNX Runtime where measured) in one row."""
+    mode = c.get(f"latency_mode_bs{bs}")
+    cells = [f"{b[f'latency_ms_bs{bs}']:.2f}", f"{c[f'latency_ms_bs{bs}']:.2f}" + (f" ({mode})" if mode else ""),
+             f"{s[f'latency_speedup_bs{bs}']:.2f}x"]
+    name = f"latency ms, batch {bs}"
+    if f"ort_latency_ms_bs{bs}" in c and f"ort_latency_speedup_bs{bs}" in s:
+        name += " (PyTorch / ONNX Runtime)"
+        cells = [cells[0] + f" / {b[f'ort_latency_ms_bs{bs}']:.2f}", cells[1] + f" / {c[f'ort_latency_ms_bs{bs}']:.2f}",
+                 cells[2] + f" / {s[f'ort_latency_speedup_bs{bs}']:.2f}x"]
+    return (name, *cells)
