@@ -23,8 +23,9 @@ def svd_factors(weight: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tenso
     if not 1 <= d <= kh * kw:
         raise ValueError(f"d must be in [1, kh*kw={kh * kw}] for a {kh}x{kw} kernel, got {d}")
     matrix = weight.detach().reshape(cout * cin_g, kh * kw).to(torch.float64)
-    # full_matrices: d basis kernels even when the layer has fewer than d kernels (the extra ones get zero coefficients)
-    _, _, vh = torch.linalg.svd(matrix, full_matrices=True)
+    # a layer with fewer kernels than kh*kw gets the full basis (vh is square, and U tiny), so that d basis kernels
+    # exist even when d exceeds its kernel count (the extra ones get zero coefficients)
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=matrix.shape[0] < kh * kw)
     basis = vh[:d]                                   # orthonormal rows, (d, k*k)
     coefficients = matrix @ basis.T                  # projection = U_d S_d
     return (basis.reshape(d, kh, kw).to(weight.dtype),
