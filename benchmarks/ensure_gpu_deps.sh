@@ -10,3 +10,6 @@ if ! python -c "import pydantic" 2>/dev/null; then
         return 2 2>/dev/null || exit 2
     fi
 fi
+if ! python -c "import torch_pruning" 2>/dev/null && ls .gpu-wheels/torch_pruning-*.whl >/dev/null 2>&1; then
+    python -m pip install --quiet --no-index --no-deps .gpu-wheels/torch_pruning-*.whl   # for workflows/reproduce.py
+fi
