@@ -151,6 +151,13 @@ def write_docs(results_dir: Path, docs_path: Path) -> Path:
         parts.append("**Only the tiny smoke test has result files so far; its numbers mean nothing.** The reduced CPU "
                      "reproduction is `python workflows/reproduce.py --scale cpu`, the full one `python "
                      "workflows/reproduce.py --scale gpu --device cuda`; then regenerate this page.\n")
+    if "gpu" not in found:
+        parts.append("**The full-size (GPU) reproduction has no result files yet** (no GPU was lent when this page was "
+                     "made). It is one command on one GPU: fetch the wheels the lent GPU machines lack with "
+                     "`bash benchmarks/gpu_wheels.sh`, carry `.gpu-wheels/` there, and run `source "
+                     "benchmarks/ensure_gpu_deps.sh && python workflows/reproduce.py --scale gpu --device cuda && "
+                     "python workflows/reproduce.py --write-docs` (about 8 minutes of one H200 by the issue's "
+                     "throughput figures; not measured).\n")
     for i, (scale, path) in enumerate(found.items()):
         results = json.loads(path.read_text())
         parts.append(scale_markdown(results, _relative_prefix(docs_path, path.parent), seed_table=i == 0))
