@@ -13,3 +13,8 @@ fi
 if ! python -c "import torch_pruning" 2>/dev/null && ls .gpu-wheels/torch_pruning-*.whl >/dev/null 2>&1; then
     python -m pip install --quiet --no-index --no-deps .gpu-wheels/torch_pruning-*.whl   # for workflows/reproduce.py
 fi
+fashion_raw="$HOME/.cache/penni/FashionMNIST/raw"   # where pipeline.fashion_mnist looks after the Debian package
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -f "$fashion_raw/train-images-idx3-ubyte.gz" ] \
+        && [ -d .gpu-wheels/fashion-mnist ]; then
+    mkdir -p "$fashion_raw" && cp .gpu-wheels/fashion-mnist/*.gz "$fashion_raw/"
+fi

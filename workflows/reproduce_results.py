@@ -93,6 +93,9 @@ def scale_markdown(results: dict[str, Any], pictures_prefix: str, seed_table: bo
            f"- command: `{results['command']}`",
            f"- machine: {_machine_line(results['machine'], results['device'])}",
            f"- wall time: {results['wall_seconds'] / 60:.1f} min\n"]
+    if results.get("models_not_run"):
+        out.append(f"**Not run** (the run stopped before them, e.g. at its time limit): "
+                   f"{', '.join(results['models_not_run'])}.\n")
     for model, run in results["models"].items():
         cfg, table = run["config"], run["table"]
         out += [f"### {model}\n", table_markdown(table, cfg["evaluate"]["latency_batch_sizes"]),
