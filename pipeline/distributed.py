@@ -2,7 +2,7 @@
 
 ``training_loop(job)`` is the per-worker function and reads top to bottom like torchvision's
 ``references/classification/train.py``: ``set_up`` (data, model, optimizer, resume), then per epoch
-``train_epoch``, ``evaluate_epoch``, ``check_replicas``, ``keep_best``, ``report_epoch`` and
+``train_epoch``, ``recalibrate_batchnorm``, ``evaluate_epoch``, ``check_replicas``, ``keep_best``, ``report_epoch`` and
 ``save_checkpoint``. What a stage adds to the generic loop (L1 and group lasso, the alternating
 schedule, a distillation teacher) comes in explicitly with the job (``StageTraining``), filled by
 the stage function; the loop never looks at the stage's name.
@@ -136,6 +136,7 @@ def training_loop(job_dict: dict, world: Any = None) -> dict:
         _maybe_inject_failure(run.job.stage, epoch)
         started = time.perf_counter()
         phase, metrics, objective = train_epoch(run, epoch)
+        recalibrate_batchnorm(run, epoch)
         metrics.update(evaluate_epoch(run))
         metrics["sparsity"] = penni.coefficient_sparsity(run.plain_model, run.job.training.include_pointwise)
         metrics["epoch_seconds"] = time.perf_counter() - started
@@ -286,6 +287,27 @@ def _batch_progress(run: TrainingRun, epoch: int):
         console.report_batches(run.job.stage, epoch, run.tcfg.epochs, done, total, images, seconds)
 
     return progress
+
+
+BN_RECALIBRATION_BATCHES = 16
+
+
+def recalibrate_batchnorm(run: TrainingRun, epoch: int) -> None:
+    """Penalized stages: BatchNorm statistics recomputed on training batches with the epoch's final weights.
+
+    Under a strong L1 or group lasso every step shrinks the coefficients, and the running averages lag
+    behind them: evaluation with them can be at chance (measured: val 10% after an epoch that trained at
+    80%). ``torch.optim.swa_utils.update_bn`` on ``BN_RECALIBRATION_BATCHES`` batches (detectron2's
+    "precise BN"), averaged over the ranks. Not with the Ray Data loader (its shards stream once per epoch).
+    """
+    extras = run.job.training
+    if not (extras.l1 or extras.group_l1) or not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.plain_model.modules()):
+        return
+    if resolve_loader(run.cfg.data, in_process=isinstance(run.world, LocalWorld)) == "ray_data":
+        return
+    T.recalibrate_batchnorm(run.plain_model, training_batches(run, epoch), BN_RECALIBRATION_BATCHES, run.world.device,
+                            run.world.all_reduce, run.world.world_size)
 
 
 def evaluate_epoch(run: TrainingRun) -> dict:

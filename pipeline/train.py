@@ -9,6 +9,7 @@ parametrizations on the model). The per-epoch driver is ``pipeline.distributed.t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -239,6 +240,21 @@ def counts_to_metrics(totals: torch.Tensor, prefix: str) -> dict[str, float]:
     count = max(float(totals[3]), 1.0)
     return {f"{prefix}_loss": float(totals[0]) / count, f"{prefix}_top1": float(totals[1]) / count,
             f"{prefix}_top5": float(totals[2]) / count}
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int, device: torch.device | None = None,
+                          all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, world_size: int = 1) -> None:
+    """BatchNorm running statistics recomputed from ``num_batches`` of ``batches`` (``torch.optim.swa_utils.update_bn``,
+    cumulative average), then averaged over ``world_size`` data-parallel replicas with ``all_reduce`` (a sum)."""
+    from torch.optim.swa_utils import update_bn
+
+    update_bn(itertools.islice(iter(batches), num_batches), model, device)
+    if world_size > 1 and all_reduce is not None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+        mean = all_reduce(torch.cat([t.detach().reshape(-1).double().cpu() for t in stats])) / world_size
+        for t, part in zip(stats, mean.split([t.numel() for t in stats])):
+            t.copy_(part.view_as(t).to(t))
 
 
 def evaluate(model: nn.Module, loader: Iterable, hw: Hardware, prefix: str = "val") -> dict[str, float]:

@@ -94,3 +94,26 @@ def test_finetune_with_distillation_learns_from_the_teacher(tmp_path):
         result = training_loop(job, LocalWorld(tmp_path / f"ckpt-{distill}", use_gpu=False))
         losses[distill] = result["history"][0]["train_loss"]
     assert losses["true"] != losses["false"]
+
+
+def test_recalibrate_batchnorm_replaces_stale_statistics_with_those_of_the_batches():
+    """Precise BN: stale running statistics (as after an epoch of strong L1) become the batches' own, and the
+    data-parallel average (a sum over 2 identical replicas, halved) leaves them unchanged."""
+    import torch
+    from torch import nn
+
+    from pipeline.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model[1].running_mean.fill_(5.0)
+    model[1].running_var.fill_(100.0)
+    batches = [(torch.randn(8, 3, 10, 10) * 2 + 1, torch.zeros(8)) for _ in range(5)]
+    recalibrate_batchnorm(model, iter(batches), num_batches=3, all_reduce=lambda t: 2 * t, world_size=2)
+    with torch.no_grad():
+        seen = torch.cat([model[0](x) for x, _ in batches[:3]])  # only the first 3 batches count
+    expected_mean = seen.mean(dim=(0, 2, 3))
+    assert torch.allclose(model[1].running_mean, expected_mean, atol=1e-4)
+    per_batch_var = torch.stack([model[0](x).detach().var(dim=(0, 2, 3)) for x, _ in batches[:3]]).mean(0)
+    assert torch.allclose(model[1].running_var, per_batch_var, rtol=1e-3)   # update_bn: the batches' mean variance
+    assert model[1].momentum == 0.1 and model.training  # momentum and train mode restored

@@ -1,7 +1,7 @@
 """Reproduce PENNI on Fashion-MNIST (CIFAR-layout VGG16 / ResNet18 at 32x32), side by side with Torch-Pruning.
 
     python workflows/reproduce.py --scale gpu --device cuda     # both models, full size, ~5 min of one H200
-    python workflows/reproduce.py --scale cpu                   # reduced VGG16 (width 1/4, subset), ~25 min, 2 cores
+    python workflows/reproduce.py --scale cpu                   # reduced VGG16 (width 1/4, subset), ~10 min, 2 cores
     python workflows/reproduce.py --scale tiny --device cpu     # seconds: every step, meaningless numbers
     python workflows/reproduce.py --write-docs                  # docs/results.md from benchmarks/results/reproduce_*
 
@@ -88,13 +88,13 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale(
         models=("vgg16",), width=0.25, round_to=8,
         overrides=("data.train_subset=5000", "data.val_subset=1000", "data.test_subset=null", "data.batch_size=128",
-                   "data.loader_workers=0", "baseline.epochs=12", "baseline.lr=0.05", "retrain.epochs=8",
+                   "data.loader_workers=0", "baseline.epochs=15", "baseline.lr=0.05", "retrain.epochs=12",
                    "retrain.lr=0.02", "retrain.l1=3e-3", "retrain.group_l1=2e-2", "prune.rule=channels+std",
-                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.6", "finetune.epochs=8", "finetune.lr=0.02",
+                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.6", "finetune.epochs=15", "finetune.lr=0.02",
                    "evaluate.latency_batch_sizes=[1,64]", "evaluate.latency_repeats=20"),
         note="REDUCED: VGG16 with every conv at 1/4 width (16..128 channels), 5,000 training images "
              "(class-balanced subset), 1,000 validation images held out of the training set, the full "
-             "10,000-image test split, 32x32; epochs baseline 12 / retrain 8 / fine-tune 8; the short schedule "
+             "10,000-image test split, 32x32; epochs baseline 15 / retrain 12 / fine-tune 15; the short schedule "
              "uses the quickstart's stronger sparsity recipe (L1 3e-3 + group lasso 2e-2, channels to -60% dense "
              "MACs, then the std rule at s=1.25) instead of the paper's L1 1e-4 over 100 epochs"),
     "tiny": Scale(

@@ -46,6 +46,24 @@ def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int | No
 
 
 def prune_to_macs(model: nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> tuple[nn.Module, dict]:
+    """Torch-Pruning to ``target`` dense MACs (within ``MACS_TOLERANCE``) at ``round_to`` channel multiples; where
+    the multiples are too coarse to land near the target (dense MACs jump with the ratio), halve ``round_to``."""
+    steps = [round_to]
+    while steps[-1] and steps[-1] > 1:
+        steps.append(steps[-1] // 2)
+    for step in steps:
+        try:
+            pruned, info = _bisect_ratio(model, x, target, step)
+        except RuntimeError as err:
+            if step == steps[-1]:
+                raise
+            console.report_line(f"[torch_pruning] {err}; trying round_to={steps[steps.index(step) + 1]}")
+            continue
+        return pruned, {**info, "round_to_asked": round_to}
+    raise AssertionError("unreachable")
+
+
+def _bisect_ratio(model: nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> tuple[nn.Module, dict]:
     """Bisect the pruning ratio until the dense MACs are within ``MACS_TOLERANCE`` of ``target``."""
     lo, hi, best = 0.0, 0.99, None
     tries = []
@@ -67,7 +85,7 @@ def prune_to_macs(model: nn.Module, x: torch.Tensor, target: float, round_to: in
     pruned, ratio, gap = best
     if abs(gap) > MACS_TOLERANCE:
         raise RuntimeError(f"Torch-Pruning could not reach {target:,.0f} dense MACs within 2% (closest: ratio "
-                           f"{ratio:.3f}, {100 * gap:+.1f}%); lower round_to")
+                           f"{ratio:.3f}, {100 * gap:+.1f}%) at round_to={round_to}")
     return pruned, {"pruning_ratio": ratio, "round_to": round_to, "dense_macs_gap_pct": 100 * gap,
                     "target_dense_macs": target, "bisection": tries}
 
