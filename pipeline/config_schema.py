@@ -114,12 +114,18 @@ class DataConfig(_Section):
     augment: Literal["auto", "imagenet", "small", "none"] = "auto"
     hflip: bool = True
     normalize: Literal["auto", "imagenet", "dataset", "none"] = "auto"
+    decode: Literal["cpu", "device"] = "cpu"  # ray_data: decode on CPU workers, or ship bytes and decode on the GPU
 
     def problems(self) -> list[tuple[str, str]]:
+        found = []
         if self.dataset in ("imagefolder", "parquet") and not self.root:
-            return [("root", f"required when {{at}}dataset is {self.dataset!r}; got {self.root!r}. Set it to the "
-                             f"dataset directory or URI (e.g. --set {{at}}root=/mnt/data/imagenet).")]
-        return []
+            found.append(("root", f"required when {{at}}dataset is {self.dataset!r}; got {self.root!r}. Set it to the "
+                                  f"dataset directory or URI (e.g. --set {{at}}root=/mnt/data/imagenet)."))
+        if self.decode == "device" and (self.dataset != "parquet" or self.loader not in ("auto", "ray_data")):
+            found.append(("decode", f"'device' ships encoded images through Ray Data (dataset 'parquet', loader "
+                                    f"'ray_data' or 'auto'); got dataset {self.dataset!r}, loader {self.loader!r}. "
+                                    "Use --set {at}decode=cpu, or Parquet shards with data.loader=ray_data."))
+        return found
 
 
 class RayConfig(_Section):

@@ -101,6 +101,9 @@ def resolve_loader(data_cfg: "DataConfig", in_process: bool) -> str:
     trained on Ray Train (streaming, decoding on CPU workers that may sit on other nodes), ``torch``
     otherwise (in-process runs, Fashion-MNIST in memory, ImageFolder trees on a shared disk)."""
     loader = data_cfg.loader
+    if data_cfg.decode == "device" and in_process:
+        raise DataError("data.decode='device' ships encoded images through Ray Data to Ray Train workers, but "
+                        "ray.in_process is true; set data.decode=cpu for in-process runs.")
     if loader == "auto":
         return "ray_data" if data_cfg.dataset == "parquet" and not in_process else "torch"
     if loader == "ray_data" and data_cfg.dataset != "parquet":

@@ -230,7 +230,7 @@ def training_batches(run: TrainingRun, epoch: int) -> Iterable:
         from .ray_data import epoch_batches
 
         return epoch_batches(ray.train.get_dataset_shard("train"), cfg.data.batch_size, run.splits.policy,
-                             world.device, cfg.seed, epoch)
+                             world.device, cfg.seed, epoch, decode_on_device_=cfg.data.decode == "device")
     if world.world_size == 1 and uses_device_loader(cfg):  # data.loader=device: held and augmented on the device
         return device_loader(run.splits.train, cfg, world.device, seed=cfg.seed * 1000 + epoch)
     if world.world_size == 1:

@@ -160,6 +160,9 @@ def plan_input(config: dict, num_workers: int, cpus_per_worker: float) -> tuple[
         loader = "torch"
     resolved = {**config, "data": {**config["data"], "loader": loader}}
     if loader != "ray_data":
+        if cfg.data.decode == "device":
+            raise DataError(f"data.decode='device' needs the Ray Data loader, but it resolved to {loader!r} (the "
+                            f"cluster has {spare:g} CPUs beyond the training workers'); add a CPU or set data.decode=cpu.")
         return resolved, {}
     splits = build_datasets(cfg.data, cfg.seed, in_channels=cfg.model.in_channels, num_classes=cfg.model.num_classes)
-    return resolved, {"train": train_dataset(splits, cfg.seed, decode_on_device=False)}
+    return resolved, {"train": train_dataset(splits, cfg.seed, decode_on_device=cfg.data.decode == "device")}

@@ -131,3 +131,26 @@ def test_tiny_pipeline_on_ray_data_from_s3_matches_the_row_sampler_path(shards, 
     # few images, so the tolerance is 4 of 48 images (8.3 points).
     assert torch_path["selected_val_top1"] > 0.8, torch_path
     assert abs(ray_data["selected_val_top1"] - torch_path["selected_val_top1"]) <= 4 / 48 + 1e-9, (ray_data, torch_path)
+
+
+def test_decode_on_device_ships_bytes_and_the_worker_decodes_them(shards, local_ray):
+    """``data.decode=device``: the Ray Dataset carries the encoded bytes; the training side decodes them into the
+    same normalized batches' shape, with the right labels."""
+    splits = D.build_datasets(_cfg(shards), seed=0)
+    ds = R.train_dataset(splits, seed=0, decode_on_device=True)
+    batches = list(R.epoch_batches(ds.iterator(), 16, splits.policy, torch.device("cpu"), seed=0, epoch=0,
+                                   decode_on_device_=True))
+    assert batches and all(x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
+    labels = torch.cat([y for _, y in batches])
+    assert len(labels) == len(splits.train) // 16 * 16 and set(labels.tolist()) <= set(range(CLASSES))
+    first = next(iter(ds.iter_batches(batch_size=2, batch_format="numpy")))
+    assert bytes(first["image"][0][:2]) in (b"\xff\xd8", b"\x89P")  # JPEG or PNG bytes, not pixels
+
+
+def test_decode_on_device_needs_parquet_through_ray_data():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.decode"):
+        load_config("tiny", ["data.decode=device"])
+    cfg = load_config("tiny", ["data.decode=device", "data.dataset=parquet", "data.root=/x", "data.loader=ray_data"])
+    assert cfg.data.decode == "device"

@@ -93,9 +93,10 @@ def scale_markdown(results: dict[str, Any], pictures_prefix: str, seed_table: bo
            f"- command: `{results['command']}`",
            f"- machine: {_machine_line(results['machine'], results['device'])}",
            f"- wall time: {results['wall_seconds'] / 60:.1f} min\n"]
-    if results.get("models_not_run"):
-        out.append(f"**Not run** (the run stopped before them, e.g. at its time limit): "
-                   f"{', '.join(results['models_not_run'])}.\n")
+    missing = [m for m in _scale_models(scale) if m not in results["models"]]
+    if missing:
+        out.append(f"**Not in these results**: {', '.join(missing)} (the scale's other models; see the notes "
+                   "below).\n")
     for model, run in results["models"].items():
         cfg, table = run["config"], run["table"]
         out += [f"### {model}\n", table_markdown(table, cfg["evaluate"]["latency_batch_sizes"]),
@@ -108,7 +109,7 @@ def scale_markdown(results: dict[str, Any], pictures_prefix: str, seed_table: bo
                 "Targets:\n", targets_markdown(scale, table)]
         structure = run.get("structure_md")
         if structure:
-            out += [f"Per-layer structure of the PENNI model (the seed's Table 1 format):\n", structure]
+            out += ["Per-layer structure of the PENNI model (the seed's Table 1 format):\n", structure]
             if seed_table and model == "vgg16":
                 out += ["Next to it, the seed's own Table 1 (VGG16 on CIFAR-10, after shrinking; from "
                         "`benchmarks/seed_structures.py`, the before-shrinking columns are in the seed appendix):\n",
@@ -133,6 +134,13 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         run["structure_md"] = structure.read_text() if structure.exists() else ""
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=float))
     (out / "results.md").write_text(f"# PENNI reproduction, scale {results['scale']}\n\n" + scale_markdown(results, ""))
+
+
+def _scale_models(scale: str) -> tuple[str, ...]:
+    """The models a full run of ``scale`` covers (``reproduce.SCALES``)."""
+    from reproduce import SCALES
+
+    return SCALES[scale].models if scale in SCALES else ()
 
 
 def write_docs(results_dir: Path, docs_path: Path) -> Path:
@@ -164,6 +172,9 @@ def write_docs(results_dir: Path, docs_path: Path) -> Path:
     for i, (scale, path) in enumerate(found.items()):
         results = json.loads(path.read_text())
         parts.append(scale_markdown(results, _relative_prefix(docs_path, path.parent), seed_table=i == 0))
+        notes = path.parent / "NOTES.md"  # how the run was made, where the results file cannot say (no numbers)
+        if notes.exists():
+            parts.append(notes.read_text())
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text("\n".join(parts))
     return docs_path
