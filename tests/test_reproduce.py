@@ -137,3 +137,18 @@ def test_bad_command_lines_fail_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no reproduce_<scale>/results.json"):
         reproduce.main(["--write-docs", "--out", str(tmp_path), "--docs", str(tmp_path / "results.md")])
     assert not (tmp_path / "results.md").exists()
+
+
+def test_committed_results_doc_is_generated_from_the_committed_result_files(tmp_path):
+    """docs/results.md is exactly what ``--write-docs`` makes from benchmarks/results/reproduce_* (never typed by
+    hand, never stale); only the pictures' relative paths differ with the output folder."""
+    regenerated = tmp_path / "results.md"
+    assert reproduce.main(["--write-docs", "--docs", str(regenerated)]) == 0
+
+    def text(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if not line.startswith("![")]
+
+    committed = REPO / "docs" / "results.md"
+    assert text(regenerated) == text(committed), "run: python workflows/reproduce.py --write-docs"
+    pictures = [line for line in committed.read_text().splitlines() if line.startswith("![")]
+    assert pictures and all((committed.parent / line.split("](")[1].rstrip(")")).exists() for line in pictures)
