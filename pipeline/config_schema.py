@@ -195,7 +195,7 @@ class DecomposeConfig(_Section):
 class RetrainConfig(TrainConfig):
     """Learn the basis and sparse coefficients (L1, group L1), alternating."""
 
-    epochs: NonNegInt = 5
+    epochs: PosInt = 5  # at least one: the stage's model is its last epoch's checkpoint
     lr: PosFloat = 0.02
     l1: NonNegFloat = 3e-3
     group_l1: NonNegFloat = 2e-2
@@ -227,7 +227,7 @@ class PruneConfig(_Section):
 class FinetuneConfig(TrainConfig):
     """Recover accuracy with the pruning masks held, optionally distilling from the retrained model."""
 
-    epochs: NonNegInt = 8
+    epochs: PosInt = 8  # at least one: the stage's model is its best epoch's checkpoint
     lr: PosFloat = 0.02
     distill: bool = False
     distill_temperature: PosFloat = 4.0

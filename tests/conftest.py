@@ -28,3 +28,29 @@ def local_ray():
                                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_ray_run(tmp_path_factory):
+    """One run of the tiny pipeline on Ray (2 Train workers) as a user runs it: ``workflows/full_pipeline.py
+    --config tiny`` in its own process, output through a pipe, while another Ray (this process's) runs on the
+    machine. Returns ``(storage, stdout and stderr merged)``. Shared to keep the suite short: test_console reads
+    what it printed, test_pipeline what it wrote (and then re-runs into the same storage)."""
+    import subprocess
+
+    import ray
+
+    work = tmp_path_factory.mktemp("tiny_ray_run")
+    ours = not ray.is_initialized()
+    if ours:
+        ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "workflows" / "full_pipeline.py"), "--config", "tiny",
+                               "--storage", str(work / "runs")], cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=850)
+    finally:
+        if ours:
+            ray.shutdown()
+    assert done.returncode == 0, done.stdout[-4000:]
+    return work / "runs", done.stdout

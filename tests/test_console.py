@@ -47,9 +47,9 @@ def _check_console(out: str) -> None:
     assert "Baseline vs compressed (test split" in out and "Total wall time:" in out
 
 
-def test_ray_run_prints_one_line_per_epoch_and_stage_and_no_ray_output(local_ray, tmp_path):
-    """Another Ray (this test's) runs on the machine: the run starts its own without a word about it."""
-    _check_console(_pipeline_output(tmp_path))
+def test_ray_run_prints_one_line_per_epoch_and_stage_and_no_ray_output(tiny_ray_run):
+    """Another Ray (the test process's) runs on the machine: the run starts its own without a word about it."""
+    _check_console(tiny_ray_run[1])
 
 
 def test_in_process_run_prints_the_same_lines(tmp_path):

@@ -24,9 +24,9 @@ def _run(storage: Path, *extra: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def first_run(local_ray, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    assert _run(storage) == 0
+def first_run(tiny_ray_run, local_ray):
+    """The session's tiny Ray run (tests/conftest.py); the re-runs below run in this process on ``local_ray``."""
+    storage, _ = tiny_ray_run
     return storage, storage / "tiny"
 
 

@@ -95,17 +95,20 @@ def test_device_decode_matches_cpu_decode(shards):
     assert (on_device.int() - on_cpu.int()).abs().float().mean() < 3.0  # libjpeg vs PIL rounding only
 
 
-def _pipeline(tmp_path, root: str, loader: str, env: dict | None = None) -> dict:
+def _pipeline(tmp_path, root: str, loader: str, env: dict | None = None, in_process: bool = False) -> dict:
     """``workflows/full_pipeline.py --config tiny`` on the shards at ``root`` (a path or s3:// URI) with ``loader``,
-    2 Ray Train workers, as its own process (its own local Ray, ``env`` added): the baseline stage's metrics."""
+    as its own process (``env`` added): on its own local Ray with 2 Ray Train workers, or ``in_process`` (one
+    process, no Ray). Returns the baseline stage's metrics."""
     from tests.s3_server import run_pipeline
 
     storage = tmp_path / loader
     overrides = ["data.dataset=parquet", f"data.root={root}", "data.image_size=32", f"data.loader={loader}",
                  "data.train_subset=null", "data.val_subset=null", "data.test_subset=null",
                  "data.val_fraction=0.25", "data.batch_size=16", "model.in_channels=3", f"model.num_classes={CLASSES}",
-                 "ray.num_workers=2", "baseline.epochs=3", "tracking.experiment=ray_data"]
-    args = ["--storage", str(storage)]
+                 "ray.num_workers=2", "ray.cpus_per_worker=0.5",  # its own Ray on 2 cores: one CPU left for Ray Data
+                 "baseline.epochs=3", "evaluate.latency_repeats=1",
+                 "tracking.experiment=ray_data"]
+    args = ["--storage", str(storage), *(["--in-process"] if in_process else [])]
     for o in overrides:
         args += ["--set", o]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **(env or {})}
@@ -118,14 +121,16 @@ def _pipeline(tmp_path, root: str, loader: str, env: dict | None = None) -> dict
 @pytest.mark.timeout(2400)
 def test_tiny_pipeline_on_ray_data_from_s3_matches_the_row_sampler_path(shards, tmp_path):
     """Issue 11, done-when 2: the shards in a real S3 endpoint (moto's server on 127.0.0.1), read by Ray Data on
-    2 workers, against the torch row-sampler path on the same shards on disk."""
+    2 Ray Train workers, against the torch row-sampler path (``ParquetImageDataset`` + DataLoader) on the same
+    shards on disk, run in-process to keep the suite short (the DistributedSampler over 2 Ray workers that the
+    row sampler uses on Ray is the one every Ray run of the tiny config goes through)."""
     from tests.s3_server import s3_server
 
     with s3_server(tmp_path) as s3:
         for shard in sorted(shards.rglob("*.parquet")):
             s3.client().upload_file(str(shard), s3.bucket, f"shards/{shard.relative_to(shards).as_posix()}")
         ray_data = _pipeline(tmp_path, f"s3://{s3.bucket}/shards", "ray_data", s3.env)
-    torch_path = _pipeline(tmp_path, str(shards), "torch")
+    torch_path = _pipeline(tmp_path, str(shards), "torch", in_process=True)
     # 48 validation images; an easy task both paths learn. A misaligned label or a dropped / duplicated row
     # would put the Ray Data run near chance (25%); order and augmentation noise moves a converged run by a
     # few images, so the tolerance is 4 of 48 images (8.3 points).
