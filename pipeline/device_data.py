@@ -10,6 +10,7 @@ as batched tensor ops on the device, following the split's own policy (its ``aug
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -40,16 +41,31 @@ def _to_size(images: torch.Tensor, size: int) -> torch.Tensor:
                          align_corners=False).round().clamp(0, 255).to(torch.uint8)
 
 
+_ON_DEVICE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _images_on_device(dataset: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images at its ``image_size`` and its labels on ``device``, made once per split and device:
+    every epoch's loader (and the precise-BN pass of a penalized epoch) reuses them."""
+    try:
+        cached = _ON_DEVICE.setdefault(dataset, {})
+    except TypeError:  # not weak-referenceable: no cache
+        cached = {}
+    key = str(device)
+    if key not in cached:
+        images, labels = _source_images(dataset)  # refuses what it cannot hold, before image_size is read
+        cached[key] = (_to_size(images, int(dataset.image_size)).to(device), labels.to(device))
+    return cached[key]
+
+
 class DeviceLoader:
     """Batches ``(x, y)`` already on ``device``: seeded shuffle, random crop + flip, normalized float."""
 
     def __init__(self, dataset: Any, batch_size: int, device: torch.device | str, seed: int = 0,
                  drop_last: bool = True) -> None:
-        images, labels = _source_images(dataset)
-        size = int(dataset.image_size)
         self.device = torch.device(device)
-        self.images = _to_size(images, size).to(self.device)          # uint8 (N, 1, S, S)
-        self.labels = labels.to(self.device)
+        self.images, self.labels = _images_on_device(dataset, self.device)  # uint8 (N, 1, S, S), int64
+        size = self.images.shape[-1]
         self.batch_size, self.size = int(batch_size), size
         self.augment, self.hflip = bool(getattr(dataset, "augment", True)), bool(getattr(dataset, "hflip", True))
         self.mean = float(getattr(dataset, "mean", FASHION_MEAN))

@@ -152,3 +152,18 @@ def test_committed_results_doc_is_generated_from_the_committed_result_files(tmp_
     assert text(regenerated) == text(committed), "run: python workflows/reproduce.py --write-docs"
     pictures = [line for line in committed.read_text().splitlines() if line.startswith("![")]
     assert pictures and all((committed.parent / line.split("](")[1].rstrip(")")).exists() for line in pictures)
+
+
+def test_torch_pruning_halves_round_to_when_the_target_falls_between_its_steps():
+    """The H200 run's ResNet18 case: 24.17% of the dense MACs is out of reach at round_to 8, 4 and 2 (the MACs
+    jump past it), so the comparison goes down to round_to 1 instead of stopping the run."""
+    from penni.models import build_model
+    from reproduce_compare import prune_to_macs
+
+    import penni
+
+    model, x = build_model("resnet18", in_channels=1).eval(), torch.zeros(1, 1, 32, 32)
+    target = penni.profile(model, x).dense_macs * 0.2417
+    pruned, info = prune_to_macs(model, x, target, round_to=8)
+    assert (info["round_to_asked"], info["round_to"]) == (8, 1)
+    assert abs(penni.profile(pruned, x).dense_macs / target - 1) <= 0.02

@@ -117,3 +117,19 @@ def test_recalibrate_batchnorm_replaces_stale_statistics_with_those_of_the_batch
     per_batch_var = torch.stack([model[0](x).detach().var(dim=(0, 2, 3)) for x, _ in batches[:3]]).mean(0)
     assert torch.allclose(model[1].running_var, per_batch_var, rtol=1e-3)   # update_bn: the batches' mean variance
     assert model[1].momentum == 0.1 and model.training  # momentum and train mode restored
+
+
+def test_penalized_epochs_end_with_batchnorm_statistics_of_the_final_weights(tmp_path):
+    """The loop's precise-BN step: after a retraining epoch (L1) the saved model's BatchNorm statistics come from
+    the recalibration pass (16 batches), not from the epoch's running averages; fine-tuning (no penalty) keeps them."""
+    from pipeline.distributed import BN_RECALIBRATION_BATCHES
+
+    def tracked(world) -> set[int]:
+        trained = penni.load(world.latest_checkpoint() / "model.safetensors")
+        return {int(m.num_batches_tracked) for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5)
+    for stage, expected in (("retrain", {BN_RECALIBRATION_BATCHES}), ("finetune", {256 // 8})):
+        world = LocalWorld(tmp_path / f"ckpt-{stage}", use_gpu=False)
+        training_loop(_job(tmp_path, stage, 1, model, "data.batch_size=8"), world)
+        assert tracked(world) == expected, stage  # untrained input: 0 tracked; an epoch is 32 batches of 8

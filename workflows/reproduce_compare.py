@@ -51,16 +51,15 @@ def prune_to_macs(model: nn.Module, x: torch.Tensor, target: float, round_to: in
     steps = [round_to]
     while steps[-1] and steps[-1] > 1:
         steps.append(steps[-1] // 2)
-    for step in steps:
+    for step, finer in zip(steps, [*steps[1:], None]):
         try:
             pruned, info = _bisect_ratio(model, x, target, step)
+            return pruned, {**info, "round_to_asked": round_to}
         except RuntimeError as err:
-            if step == steps[-1]:
+            if finer is None:
                 raise
-            console.report_line(f"[torch_pruning] {err}; trying round_to={steps[steps.index(step) + 1]}")
-            continue
-        return pruned, {**info, "round_to_asked": round_to}
-    raise AssertionError("unreachable")
+            console.report_line(f"[torch_pruning] {err}; trying round_to={finer}")
+    raise AssertionError("unreachable: the last step returns or raises")
 
 
 def _bisect_ratio(model: nn.Module, x: torch.Tensor, target: float, round_to: int | None) -> tuple[nn.Module, dict]:
