@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU latency benchmark (issue 7): the seed's compressed VGG16/ResNet50 and the quickstart net vs dense,
+# GPU latency benchmark: the seed's compressed VGG16/ResNet50 and the quickstart net vs dense,
 # float32 at batch 1/32/256 and bfloat16 at batch 256, timed with CUDA events (cudnn.benchmark on): eager,
 # then CUDA graphs on both sides, then CUDA graphs + channels_last on both sides.
 # Needs only torch, torchvision, safetensors and numpy (no Ray, MLflow, onnx).

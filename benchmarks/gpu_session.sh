@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one call (the device budget is 15 minutes, start-up included): the GPU smoke test
-# (issue 11) then the full-size reproduction (issue 9), each time-boxed, each writing into $OUT as it finishes
+# then the full-size reproduction, each time-boxed, each writing into $OUT as it finishes
 # (reproduce.py writes its results after every model, so a cut-off run keeps the models that finished).
 #   here:        bash benchmarks/gpu_wheels.sh     (pydantic + Torch-Pruning wheels and Fashion-MNIST -> .gpu-wheels/)
 #   device run:  carry [".gpu-wheels"], timeout_s 590:  bash benchmarks/gpu_session.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test (issue 11, item 7): one GPU, no Ray, no MLflow needed (the stages run in this process;
+# GPU smoke test: one GPU, no Ray, no MLflow needed (the stages run in this process;
 # tracking is off where MLflow is missing). Three parts, each checked, each writing into DEST:
 #   1. the tiny pipeline, in-process, on the device, bf16 autocast + channels-last in every training stage
 #      (ray.use_gpu=true is how a stage picks CUDA); its report and the evaluate manifest -> DEST/pipeline/

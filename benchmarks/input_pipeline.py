@@ -6,7 +6,7 @@ epoch is timed, decoding and augmenting with ImageNet's recipe (RandomResizedCro
 
 * ``row_sampler``  the torch path: ``ParquetImageDataset`` + a shuffled DataLoader with N worker processes;
                    each random row reads its whole row group (one cached group per process);
-* ``ray_data``     ``pipeline.ray_data.train_dataset``: one read per row group in a random order, decode +
+* ``ray_data``     ``pipeline.data.ray_data.train_dataset``: one read per row group in a random order, decode +
                    augment in ``map_batches`` on N CPUs (Ray Data's CPU limit), a local shuffle buffer;
 * ``ray_data_device`` (only where CUDA is available): Ray Data ships the encoded bytes, the batch is decoded
                    with ``torchvision.io.decode_jpeg(device="cuda")`` and augmented on the GPU.
@@ -35,9 +35,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.shards import ParquetImageDataset, open_shard, write_parquet_shards
-from pipeline.splits import DataSplits
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformPolicy, policy_transforms
+from pipeline.data.shards import ParquetImageDataset, open_shard, write_parquet_shards
+from pipeline.data.splits import DataSplits
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformPolicy, policy_transforms
 
 POLICY = TransformPolicy("imagenet", True, IMAGENET_MEAN, IMAGENET_STD, 224, "imagenet")
 
@@ -108,7 +108,7 @@ def row_sampler(shard_dir: pathlib.Path, workers: int, batch_size: int, sizes: d
 
 
 def _splits(shard_dir: pathlib.Path) -> DataSplits:
-    from pipeline.image_datasets import TransformSubset
+    from pipeline.data.image_datasets import TransformSubset
 
     base = ParquetImageDataset(shard_dir)
     train = TransformSubset(base, np.arange(len(base)), None)
@@ -116,10 +116,10 @@ def _splits(shard_dir: pathlib.Path) -> DataSplits:
 
 
 def ray_data(shard_dir: pathlib.Path, workers: int, batch_size: int, device: str = "cpu") -> tuple[int, float, int]:
-    """(images, seconds, bytes read) of one epoch through ``pipeline.ray_data`` with ``workers`` CPUs."""
+    """(images, seconds, bytes read) of one epoch through ``pipeline.data.ray_data`` with ``workers`` CPUs."""
     import ray.data
 
-    from pipeline import ray_data as R
+    from pipeline.data import ray_data as R
 
     ray.data.DataContext.get_current().execution_options.resource_limits = ray.data.ExecutionResources(cpu=workers)
     on_device = device != "cpu"

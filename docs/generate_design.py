@@ -1,8 +1,8 @@
 """Regenerate the generated parts of docs/DESIGN.md: the module map (from each module's docstring) and the
-stage table (from pipeline/stage_table.py), so the design doc cannot drift from the code.
+stage table (from pipeline/stages/table.py), so the design doc cannot drift from the code.
 
     python docs/generate_design.py           # rewrite docs/DESIGN.md in place
-    python docs/generate_design.py --check   # exit 1 when docs/DESIGN.md is out of date (tests/test_docs.py)
+    python docs/generate_design.py --check   # exit 1 when docs/DESIGN.md is out of date (tests/pipeline/test_docs.py)
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def module_map() -> str:
 
 
 def stage_table() -> str:
-    """The stage table as Markdown (pipeline/stage_table.py is the one list of stages)."""
+    """The stage table as Markdown (pipeline/stages/table.py is the one list of stages)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.stage_table import markdown_table
+    from pipeline.stages.table import markdown_table
 
     return markdown_table()
 

@@ -7,10 +7,11 @@ A few calls around your own model and training loop::
     penni.prune(model, rule="std", s=1.0)                     # zero small coefficients, masks held
     small = penni.shrink(model, example_inputs)               # drop dead channels and bases
 """
+from .channel_pruning import ChannelPruneReport, prune_channels
 from .conv import FORWARD_MODES, INFERENCE_MODES, PenniConv2d, penni_layers, set_forward_mode
-from .decompose import decompose, svd_factors
+from .decomposition import decompose, svd_factors
 from .masking import bake_masks, hold_mask
-from .prune import ChannelPruneReport, coefficient_sparsity, hold_zeros, prunable_fraction, prune, prune_channels
+from .pruning import coefficient_sparsity, hold_zeros, prunable_fraction, prune
 from .recipe import Recipe, get_recipe, set_constructor
 from .regularization import group_l1_penalty, l1_penalty, sparsity_penalty
 from .schedule import AlternatingSchedule
@@ -22,14 +23,17 @@ __all__ = [
     "Recipe", "get_recipe", "set_constructor",
 ]
 
-from .dependency import channel_graph, register_channel_rule
+from .comparison import compare, macs_reduction
+from .dependency.graph import channel_graph
+from .dependency.rules import register_channel_rule
 from .export import export_onnx, to_torch
 from .inference import InferencePlan, optimize_for_inference
-from .compare import compare, macs_reduction
-from .profile import Profile, profile
-from .serialization import PenniFormatError, load, load_state, read_metadata, recipe_json, save, save_state
-from .factories import get_factory, register_factory, registered_factories
-from .shrink import ShrinkReport, shrink
+from .profiling import Profile, profile
+from .serialization.factories import get_factory, register_factory, registered_factories
+from .serialization.format import load, load_state, read_metadata, save, save_state
+from .serialization.replay import recipe_json
+from .serialization.tensors import PenniFormatError
+from .shrinking import ShrinkReport, shrink
 from .unwrap import unwrap_model
 
 __all__ += [

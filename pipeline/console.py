@@ -12,6 +12,7 @@ ETA) under the lines; otherwise it writes plain lines only (logs, pipes, CI).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 import threading
@@ -151,8 +152,6 @@ class Display:
         return "stage"
 
     def epoch(self, stage: str, epoch: int, epochs: int, metrics: dict) -> None:
-        from .train import format_epoch
-
         self.write(format_epoch(stage, epoch, epochs, metrics))
 
     def batches(self, stage: str, epoch: int, epochs: int, done: int, total: int, images: int,
@@ -289,3 +288,16 @@ def session(stages: Sequence[str], *, use_ray: bool, tty: bool | None = None) ->
             pump.stop()
         display.close()
         _display = previous
+
+
+def format_epoch(stage: str, epoch: int, epochs: int, m: dict[str, float]) -> str:
+    """One progress line per epoch."""
+    parts = [f"[{stage}] epoch {epoch + 1}/{epochs}"]
+    if "phase" in m:
+        parts.append(f"learn={m['phase']}")
+    for key, fmt in (("train_loss", "loss {:.4f}"), ("train_top1", "train {:.2%}"), ("val_top1", "val {:.2%}"),
+                     ("sparsity", "sparsity {:.1%}"), ("lr", "lr {:.4g}"), ("epoch_seconds", "{:.1f}s")):
+        value = m.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(fmt.format(value))
+    return "  ".join(parts)

@@ -1,4 +1,8 @@
-"""Shared test setup: quiet, fast, private Ray; MLflow over SQLite in temporary directories."""
+"""Shared test setup: quiet, fast, private Ray; MLflow over SQLite in temporary directories; a marker per folder.
+
+The folders are the test layers: ``penni/`` (pure PyTorch), ``pipeline/`` (no Ray), ``integration/`` (Ray, MLflow,
+S3, browser, jobs) and ``robustness/`` (hostile files, bad inputs, kill and resume). Each test gets its folder's
+name as a marker, so ``-m "penni or pipeline"`` selects the fast layers from anywhere."""
 from __future__ import annotations
 
 import os
@@ -7,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO_ROOT = TESTS.parent
+LAYERS = ("penni", "pipeline", "integration", "robustness")
 sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,3 +60,11 @@ def tiny_ray_run(tmp_path_factory):
             ray.shutdown()
     assert done.returncode == 0, done.stdout[-4000:]
     return work / "runs", done.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's layer (``penni``, ``pipeline``, ``integration``, ``robustness``)."""
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        if parts and parts[0] in LAYERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))

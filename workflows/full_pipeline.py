@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.runner import main  # the installed package (pip install -e .); same as `penni-pipeline`
+from pipeline.cli.runner import main  # the installed package (pip install -e .); same as `penni-pipeline`
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: OUT_DIR {out} is not empty; choose an empty directory or pass --overwrite",
               file=sys.stderr)
         return 2
-    from pipeline.data import DataError, write_parquet_shards  # after the cheap checks: imports torch
+    from pipeline.data.shards import write_parquet_shards  # after the cheap checks: imports torch
+    from pipeline.errors import DataError
 
     try:
         written = write_parquet_shards(args.imagefolder_root, out, rows_per_shard=args.rows_per_shard,

@@ -39,10 +39,10 @@ import torch  # noqa: E402
 import penni  # noqa: E402
 from penni.models.vgg import VGG, VGG16_CFG  # noqa: E402
 from pipeline import console  # noqa: E402
-from pipeline.config import load_config, to_dict  # noqa: E402
-from pipeline.distributed import run_training  # noqa: E402
-from pipeline.stage_table import STAGE_TABLE, stage_function  # noqa: E402
-from pipeline.stages import StageContext  # noqa: E402
+from pipeline.config.loading import load_config, to_dict  # noqa: E402
+from pipeline.stages.functions import StageContext  # noqa: E402
+from pipeline.stages.table import STAGE_TABLE, stage_function  # noqa: E402
+from pipeline.training.distributed import run_training  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 NARROW_VGG16 = "penni_reproduce:vgg16_width"
@@ -113,7 +113,7 @@ COMMON_OVERRIDES = ("ray.in_process=true", "ray.num_workers=1", "ray.max_failure
 
 def config_fields(section: str) -> set[str]:
     """The keys the current config schema has in ``section`` (optional features are used only if present)."""
-    from pipeline.config import PipelineConfig
+    from pipeline.config.schema import PipelineConfig
 
     return set(to_dict(getattr(PipelineConfig(), section)))
 

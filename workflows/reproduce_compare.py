@@ -4,7 +4,7 @@ Torch-Pruning (DepGraph) is the tool users would otherwise reach for: its magnit
 (``GroupMagnitudeImportance`` with its ``BasePruner``) removes whole channels from the same baseline
 checkpoint, the pruning ratio found by bisection so the pruned model's dense-executable MACs are
 within 2% of our compressed model's, then it is fine-tuned with the pipeline's own optimizer, LR
-schedule and epoch loop (``pipeline.train``: ``finetune`` section, same epochs) and the best epoch on
+schedule and epoch loop (``pipeline.training.loop``: ``finetune`` section, same epochs) and the best epoch on
 validation is kept, as the pipeline's fine-tuning does. Torch-Pruning is a benchmark extra
 (``pip install 'penni[bench]'``), never a dependency of ``penni``.
 """
@@ -21,9 +21,9 @@ from torch import nn
 
 import penni
 from pipeline import console
-from pipeline import train as T
-from pipeline.data import build_datasets, example_batch, make_loader
-from pipeline.stages import measure_latency
+from pipeline.data.loaders import build_datasets, example_batch, make_loader
+from pipeline.stages.functions import measure_latency
+from pipeline.training import loop as T
 
 MACS_TOLERANCE = 0.02   # Torch-Pruning's dense MACs within 2% of ours
 MODEL_FILE = "model.safetensors"
@@ -93,7 +93,7 @@ def _train_loader(cfg, splits, device: torch.device, epoch: int):
     """The same training batches the pipeline's loop would use (the on-device loader where configured)."""
     seed = cfg.seed * 1000 + epoch
     if getattr(cfg.data, "loader", "auto") == "device":
-        from pipeline.device_data import device_loader
+        from pipeline.data.device import device_loader
 
         return device_loader(splits.train, cfg, device, seed)
     return make_loader(splits.train, cfg.data.batch_size, shuffle=True, workers=cfg.data.loader_workers,

@@ -4,7 +4,7 @@
     python workflows/sweep.py --d 3,5,7 --l1 1e-5,1e-3 --num-samples 6 --workers-per-trial 2
 
 The base config's baseline is trained once (run <sweep>-base); every trial starts from it. Re-running
-the same command skips every stage already done. See pipeline/sweep.py.
+the same command skips every stage already done. See pipeline/sweep/__init__.py.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..factories import register_factory, without_downloads
 from ..recipe import set_constructor
+from ..serialization.factories import register_factory, without_downloads
 from .resnet import ChannelPadShortcut, CifarResNet, resnet18, resnet56
 from .vgg import VGG, fashion_cnn, vgg16
 

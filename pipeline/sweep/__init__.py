@@ -22,9 +22,16 @@ Everything is resumable: a rerun of the same command skips finished trials (and 
 stopped), resumes unfinished ones from their committed stages and training checkpoints, and
 resumes the winner's run. Selection uses the validation split only; test top-1 is reported.
 """
+import sys
+
 from .main import main
 from .pareto import pareto_front, select_winner
 from .space import SweepUsageError, TrialSpec, draw_trials, l1_tag, parse_list, trial_name
 
-__all__ = ["main", "pareto_front", "select_winner", "SweepUsageError", "TrialSpec", "draw_trials", "l1_tag",
+__all__ = ["main", "sweep_main", "pareto_front", "select_winner", "SweepUsageError", "TrialSpec", "draw_trials", "l1_tag",
            "parse_list", "trial_name"]
+
+
+def sweep_main() -> int:
+    """``penni-sweep`` (pyproject.toml): the same command line as ``python workflows/sweep.py``."""
+    return main(sys.argv[1:])

@@ -5,7 +5,7 @@ import sys
 import time
 from typing import Sequence
 
-from ..config import ConfigError
+from ..config.loading import ConfigError
 from .plan import SweepPlan, build_plan, parse_args
 from .space import SweepUsageError
 
@@ -44,7 +44,8 @@ def _start_ray(plan: SweepPlan) -> int:
     """Ray up (quiet), and how many trials fit at once on it."""
     import ray
 
-    from ..launch import quiet_output, start_ray as start
+    from ..cli.launch import quiet_output
+    from ..cli.launch import start_ray as start
     from .tuning import concurrent_trials
 
     quiet_output(False)

@@ -5,7 +5,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from ..storage import RunStore
+from ..storage.run_store import RunStore
 from .outcomes import Outcomes, sweep_store
 from .plan import SweepPlan
 
@@ -25,8 +25,8 @@ def sweep_parent(plan: SweepPlan) -> Iterator:
     if plan.tracking_uri is None:
         yield None
         return
-    from ..config import flatten
-    from ..tracking import Tracker
+    from ..config.loading import flatten
+    from ..tracking.runs import Tracker
 
     tracker = Tracker(plan.tracking_uri, plan.base_cfg.tracking.experiment, plan.sweep_dir.name)
     params = {k: v for k, v in flatten(plan.base_cfg).items() if k.startswith("sweep.")}
@@ -38,7 +38,7 @@ def sweep_parent(plan: SweepPlan) -> Iterator:
 
 def trial_run_id(plan: SweepPlan, run_name: str) -> str | None:
     """The MLflow run id a pipeline run of the sweep recorded in its pipeline.json."""
-    from ..tracking import PARENT_ID_KEY
+    from ..tracking.runs import PARENT_ID_KEY
 
     return (RunStore(plan.storage, run_name).read_json("pipeline.json") or {}).get(PARENT_ID_KEY)
 

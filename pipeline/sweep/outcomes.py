@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ..storage import RunStore
+from ..storage.run_store import RunStore
 from .plan import SweepPlan
 from .space import TrialSpec
 from .trial import finished_result

@@ -3,24 +3,24 @@ from __future__ import annotations
 
 import shutil
 
-from ..config import STAGES
-from ..storage import RunStore
+from ..stages.table import STAGES
+from ..storage.run_store import RunStore
 from .mlflow_runs import child_tags
 from .plan import SweepPlan
 from .space import TrialSpec
 
 
 def _locked(store):
-    from ..lock import RunLock
+    from ..storage.lock import RunLock
 
     return RunLock(store).acquire(wait=None)
 
 
 def run_base(plan: SweepPlan, sweep_run_id: str | None) -> dict:
     """Step 1: the base run's baseline stage (skipped when done); returns its manifest."""
-    from ..dag import Pipeline
-    from ..launch import use_ray as _use_ray
-    from ..tracking import parent_run
+    from ..cli.launch import use_ray as _use_ray
+    from ..stages.dag import Pipeline
+    from ..tracking.runs import parent_run
 
     cfg = plan.base_cfg
     store = RunStore(cfg.storage, cfg.name)
@@ -47,7 +47,7 @@ def seed_winner(plan: SweepPlan, trial: TrialSpec) -> list[str]:
     """Copy the trial's committed stages into the winner's run directory, in pipeline order, while their
     fingerprints equal the winner config's (baseline to prune; fine-tune too when the trial's was full length).
     The winner's run then skips them, like any resumed pipeline run. Returns the stages copied."""
-    from ..dag import stage_fingerprints
+    from ..stages.fingerprints import stage_fingerprints
 
     cfg = plan.winner_config(trial)
     source, target = RunStore(plan.storage, trial.name), RunStore(plan.storage, cfg.name)
@@ -71,9 +71,10 @@ def run_winner(plan: SweepPlan, trial: TrialSpec, sweep_run_id: str | None):
     """Step 3: the winner's full-length pipeline run ``<trial>-full`` (fine-tune at ``finetune.epochs``,
     shrink, evaluate, report) from the trial's committed stages; resumable like any pipeline run.
     Returns ``(config, stage outcomes, stages seeded from the trial)``."""
-    from ..dag import Pipeline
-    from ..launch import log_summary as _log_summary, use_ray as _use_ray
-    from ..tracking import parent_run
+    from ..cli.launch import log_summary as _log_summary
+    from ..cli.launch import use_ray as _use_ray
+    from ..stages.dag import Pipeline
+    from ..tracking.runs import parent_run
 
     cfg = plan.winner_config(trial)
     store = RunStore(cfg.storage, cfg.name)

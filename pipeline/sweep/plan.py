@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..config import PipelineConfig, apply_overrides, available_configs, load_config
+from ..config.loading import apply_overrides, available_configs, load_config
+from ..config.schema import PipelineConfig
 from .space import SweepUsageError, TrialSpec, base_name, draw_trials, list_override, parse_list, sweep_dir_name
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -158,7 +159,7 @@ def _check_rule(sweep) -> None:
 
 def _check_machine(plan: SweepPlan, cli_uri: str | None) -> None:
     """The runner's preflight (files, storage, data) and the tracking URI."""
-    from ..launch import preflight
+    from ..cli.launch import preflight
 
     problems = preflight(plan.base_cfg)
     if problems:
@@ -168,7 +169,7 @@ def _check_machine(plan: SweepPlan, cli_uri: str | None) -> None:
     except ImportError:
         print("MLflow is not installed: tracking is off (pip install 'mlflow>=3.7,<4')")
         return
-    from ..tracking import TrackingError, resolve_tracking_uri
+    from ..tracking.uri import TrackingError, resolve_tracking_uri
 
     try:
         plan.tracking_uri = resolve_tracking_uri(cli_uri, plan.base_cfg.tracking.uri, Path(plan.storage))

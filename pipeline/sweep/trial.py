@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import STAGES, from_dict
+from ..config.loading import from_dict
+from ..stages.table import STAGES
 
 SWEEP_TAG = "penni.sweep"
 TRIAL_STAGES = tuple(s for s in STAGES if s != "report")
@@ -40,8 +41,8 @@ def run_trial(config: dict, spec: dict) -> None:
     (``sweep.workers_per_trial`` workers) with every epoch forwarded to Tune, or all in this process."""
     import ray.tune
 
-    from ..lock import RunLock
-    from ..storage import RunStore
+    from ..storage.lock import RunLock
+    from ..storage.run_store import RunStore
 
     if os.path.isdir(spec["cwd"]):
         os.chdir(spec["cwd"])  # Tune starts trials in their own directory; relative config paths mean the driver's
@@ -61,8 +62,8 @@ def _run_stages(cfg, store, spec: dict, trial: dict):
     """The trial's stages under its MLflow run, a child of the sweep's parent run."""
     import torch
 
-    from ..dag import Pipeline
-    from ..tracking import parent_run
+    from ..stages.dag import Pipeline
+    from ..tracking.runs import parent_run
 
     callbacks: list[Any] = []
     if cfg.ray.in_process:

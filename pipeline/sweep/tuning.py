@@ -5,7 +5,7 @@ import math
 import re
 from pathlib import Path
 
-from ..config import to_dict
+from ..config.loading import to_dict
 from .plan import SweepPlan
 from .space import SweepUsageError, TrialSpec
 from .trial import run_trial

@@ -1,0 +1,185 @@
+"""SIGKILL of the driver during each training stage: the re-run resumes and ends where an uninterrupted run ends.
+
+One storage is killed three times in a row: during ``baseline``, then (re-run) during ``retrain``,
+then (re-run) during ``finetune``, each time once Ray Train has recorded the stage's first
+checkpoint; a last re-run finishes. Its ``evaluation.json`` (latency excepted) and the published
+weights of every training stage must equal those of an uninterrupted run of the same command,
+exactly: two gloo workers on CPU are bit-reproducible (a two-way all-reduce is one commutative
+addition; data order, augmentation and initialization are seeded per epoch and rank; optimizer,
+LR schedule and best-so-far model come back from the checkpoint). Training stages run 3 epochs
+instead of tiny's 1, so that a kill lands between two checkpoints of the stage.
+
+Every process of a killed driver (its Ray node included) is killed before the re-run, and at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import penni
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES = ("baseline.epochs=3", "retrain.epochs=3", "finetune.epochs=3")
+TRAINING = ("baseline", "retrain", "finetune")
+
+
+def _command(storage: Path) -> list[str]:
+    args = [sys.executable, str(REPO_ROOT / "workflows" / "full_pipeline.py"), "--config", "tiny",
+            "--storage", str(storage)]
+    for item in OVERRIDES:
+        args += ["--set", item]
+    return args
+
+
+def _env() -> dict:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+           "PYTHONUNBUFFERED": "1"}  # what a killed driver printed is in its log
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        stat = _proc_stat(int(entry))
+        if stat:
+            parents.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _in_session(sid: int) -> set[int]:
+    """Processes of the session ``sid`` (the driver is started as a session leader)."""
+    pids = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        stat = _proc_stat(int(entry))
+        if stat and int(stat[4]) == sid and stat[0] != "Z":
+            pids.add(int(entry))
+    return pids
+
+
+def _kill_tree(driver: subprocess.Popen, known: set[int]) -> None:
+    """SIGKILL the driver, then every process it left (its descendants and its session)."""
+    if driver.poll() is None:
+        driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = {p for p in (known | _in_session(driver.pid)) if (_proc_stat(p) or ["Z"])[0] != "Z"}
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the killed driver survive: {sorted(alive)}")
+
+
+def _has_checkpoint(root: Path, stage: str) -> bool:
+    """Ray Train has recorded a checkpoint of ``stage`` (its snapshot names one)."""
+    for snapshot in (root / "_train").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _run_driver(storage: Path, log: Path, stop_when: Callable[[], bool], poll: float) -> subprocess.Popen:
+    """Start the pipeline in its own session; return once it exits or ``stop_when()`` holds (600 s at most),
+    with the driver still running in the latter case. Its processes are recorded on ``driver.known``."""
+    with open(log, "w") as out:
+        driver = subprocess.Popen(_command(storage), cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    driver.known = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None and not stop_when():
+        driver.known |= _descendants(driver.pid)
+        time.sleep(poll)
+    driver.known |= _descendants(driver.pid) if driver.poll() is None else set()
+    return driver
+
+
+def _run_and_kill_during(storage: Path, stage: str, log: Path) -> str:
+    """Start the pipeline; SIGKILL its driver once ``stage`` has a checkpoint but no manifest yet."""
+    root = storage / "tiny"
+    driver = _run_driver(storage, log, lambda: _has_checkpoint(root, stage), poll=0.05)
+    try:
+        assert driver.poll() is None, f"the pipeline ended before {stage} checkpointed:\n{log.read_text()[-3000:]}"
+        os.kill(driver.pid, signal.SIGKILL)
+        assert not (root / stage / "manifest.json").exists(), f"killed too late: {stage} had already finished"
+    finally:
+        _kill_tree(driver, driver.known)
+    return log.read_text()
+
+
+def _run_to_end(storage: Path, log: Path) -> str:
+    driver = _run_driver(storage, log, lambda: False, poll=0.5)
+    try:
+        assert driver.poll() == 0, log.read_text()[-3000:]
+    finally:
+        _kill_tree(driver, driver.known)
+    return log.read_text()
+
+
+def _timed(key: str) -> bool:
+    """A value measured with a clock (latencies, speedups, per-layer timings) or chosen by one (the
+    inference plan keeps whichever form was fastest): it differs between any two runs."""
+    return "latency" in key or key.endswith("_ms") or key == "inference_plans"
+
+
+def _without_latency(obj):
+    if isinstance(obj, dict):
+        return {k: _without_latency(v) for k, v in obj.items() if not _timed(k)}
+    return obj
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return penni.load(path).state_dict()
+
+
+def test_driver_killed_in_each_training_stage_resumes_to_the_same_result(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    _run_to_end(reference, tmp_path / "uninterrupted.log")
+
+    killed = tmp_path / "killed"
+    outputs = []
+    for stage in TRAINING:
+        outputs.append(_run_and_kill_during(killed, stage, tmp_path / f"killed-in-{stage}.log"))
+        assert not (killed / "tiny" / stage / "manifest.json").exists()
+    outputs.append(_run_to_end(killed, tmp_path / "after-kills.log"))
+    for stage, rerun in zip(TRAINING, outputs[1:]):
+        assert f"[{stage}] resuming from epoch" in rerun, f"{stage} was not resumed:\n{rerun[-3000:]}"
+        assert "warning: discarding checkpoint" not in rerun
+
+    want = json.loads((reference / "tiny" / "evaluate" / "evaluation.json").read_text())
+    got = json.loads((killed / "tiny" / "evaluate" / "evaluation.json").read_text())
+    assert _without_latency(got) == _without_latency(want)
+    for stage in TRAINING:
+        a = _tensors(reference / "tiny" / stage / "model.safetensors")
+        b = _tensors(killed / "tiny" / stage / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
