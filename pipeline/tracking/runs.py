@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 
 from .metric_names import clean_key as _clean_key
 from .metric_names import flatten, split_for_mlflow
-from .uri import TrackingError, _validate_uri, default_artifact_location, resolve_tracking_uri, tracking_uri_problem  # noqa: F401 - re-exported: the public names of tracking
+from .uri import TrackingError, default_artifact_location, validate_uri
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Tracker:
         run_name: str,
         artifact_root: str | None = None,
     ):
-        self.tracking_uri = _validate_uri(tracking_uri, "Tracker(tracking_uri=...)")
+        self.tracking_uri = validate_uri(tracking_uri, "Tracker(tracking_uri=...)")
         self.experiment = experiment
         self.run_name = run_name
         self._client = _client(self.tracking_uri)

@@ -24,7 +24,7 @@ def _scheme(uri: str) -> str:
     return m.group(1).lower() if m else ""
 
 
-def _validate_uri(uri: str, source: str) -> str:
+def validate_uri(uri: str, source: str) -> str:
     """``uri`` checked (no file store) and, for SQLite, made absolute with its directory created."""
     uri = uri.strip()
     scheme = _scheme(uri)
@@ -71,10 +71,10 @@ def resolve_tracking_uri(
         (cfg_uri, "config tracking.uri"),
     ):
         if value:
-            return _validate_uri(str(value), source)
+            return validate_uri(str(value), source)
     base = Path(run_root_local) if run_root_local is not None else Path.cwd()
     db = base.expanduser().resolve() / "mlflow.db"
-    return _validate_uri(f"sqlite:///{db}", "the default (run root)")
+    return validate_uri(f"sqlite:///{db}", "the default (run root)")
 
 
 def tracking_uri_problem(uri: str, timeout: float = 5.0) -> str | None:

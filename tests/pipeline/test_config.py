@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from pipeline.config import loading as C
 from pipeline.config.loading import ConfigError, dump_yaml, flatten, load_config, to_dict
-from pipeline.config.schema import PipelineConfig, TrainConfig
+from pipeline.config.schema import FinetuneConfig, PipelineConfig, TrainConfig
 from pipeline.stages.fingerprints import section_fingerprint
 from pipeline.stages.table import STAGE_DEPENDENCIES, STAGES
 
@@ -192,7 +192,7 @@ def test_new_keys_defaults_and_overrides():
     cfg = PipelineConfig()
     assert (cfg.data.loader, cfg.data.augment, cfg.data.hflip, cfg.data.normalize) == ("auto", "auto", True, "auto")
     assert (cfg.finetune.distill, cfg.finetune.distill_temperature, cfg.finetune.distill_weight) == (False, 4.0, 0.5)
-    assert isinstance(cfg.finetune, C.FinetuneConfig) and not hasattr(cfg.retrain, "distill")
+    assert isinstance(cfg.finetune, FinetuneConfig) and not hasattr(cfg.retrain, "distill")
     assert cfg.sweep.d == [3, 5] and cfg.sweep.l1 == [1e-5, 1e-3] and cfg.sweep.prune_s is None
     assert (cfg.sweep.num_samples, cfg.sweep.scheduler, cfg.sweep.select) == (4, "asha", "fewest_macs_within")
     changed = load_config(None, ["data.loader=ray_data", "data.normalize=none", "finetune.distill=true",
