@@ -24,7 +24,7 @@ resumes the winner's run. Selection uses the validation split only; test top-1 i
 """
 import sys
 
-from .main import main
+from .command import main
 from .pareto import pareto_front, select_winner
 from .space import SweepUsageError, TrialSpec, draw_trials, l1_tag, parse_list, trial_name
 
