@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # on the PYTHONPATH of Ray workers (not a job's working_dir)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the PYTHONPATH of Ray workers (not a job's working_dir)
 _QUIET_LOGGERS = ("mlflow", "alembic")               # INFO lines on every start (database set-up)
 
 

@@ -18,7 +18,7 @@ import penni
 
 MODEL_NAME = "compressed"
 WEIGHTS = ("evaluate", "compressed.safetensors")
-MODEL_CODE = Path(__file__).with_name("penni_pyfunc.py")
+MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 REQUIREMENTS = ["torch", "safetensors", "numpy"]
 
 
