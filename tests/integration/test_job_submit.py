@@ -177,7 +177,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
                 if p.is_dir()}
     assert len(packages) == 1, packages
     uploaded = packages.pop()
-    assert (uploaded / "pipeline" / "runner.py").is_file() and (uploaded / "penni" / "conv.py").is_file()
+    assert (uploaded / "pipeline" / "cli" / "runner.py").is_file() and (uploaded / "penni" / "conv.py").is_file()
     names = {p.name for p in uploaded.rglob("*")}
     assert not names & {".git", "__pycache__", ".pytest_cache", "penni_runs", "mlruns", "mlflow.db"}, names
     size = sum(p.stat().st_size for p in uploaded.rglob("*") if p.is_file())
