@@ -1,10 +1,10 @@
 """prune_channels(): remove whole coupled channel groups until the dense-executable MACs (or parameters) fall by a target.
 
-The channel rule of :func:`penni.prune`: groups come from ``penni.channel_graph`` (what is coupled), are scored by
-the norms of their weights (how to score) and removed by zeroing held masks that ``shrink`` then turns into
-narrower layers (how to slice). Depthwise convs lose the channels their input loses; a grouped conv's channels go
-in matched sets (local position ``j`` of every group at once), the only removal ``shrink`` realizes exactly
-without dropping whole groups.
+Element pruning is :func:`penni.prune`; the masks of the two combine. Groups come from ``penni.channel_graph``
+(what is coupled), are scored by the norms of their weights (how to score) and removed by zeroing held masks that
+``shrink`` then turns into narrower layers (how to slice). Depthwise convs lose the channels their input loses; a
+grouped conv's channels go in matched sets (local position ``j`` of every group at once), the only removal
+``shrink`` realizes exactly without dropping whole groups.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .conv import PenniConv2d
-from .dependency.graph import channel_graph
-from .dependency.groups import ChannelGraph, ChannelGroup
+from .dependency import ChannelGraph, ChannelGroup, channel_graph
 from .masking import bake_masks, hold_mask
 from .profiling import profile
 
@@ -371,11 +370,11 @@ def prune_channels(
     channels of its input group (its rows are zeroed with them); a grouped conv's channels go in
     matched sets, local position ``j`` of every group at once (see :func:`_matched_units`), so
     each group keeps the same width and ``shrink`` removes exactly what the cost model counts;
-    sets that cannot be balanced are left alone. Apply ``prune(rule="std")``
+    sets that cannot be balanced are left alone. Apply ``penni.prune(model, rule="std")``
     afterwards for element-wise sparsity on the surviving channels.
     """
     if target is None or not 0.0 < target < 1.0:
-        raise ValueError(f"rule='channels' needs a target in (0, 1) (the fraction of {cost} to remove), got {target!r}")
+        raise ValueError(f"prune_channels needs a target in (0, 1) (the fraction of {cost} to remove), got {target!r}")
     if cost not in CHANNEL_COSTS:
         raise ValueError(f"unknown cost {cost!r}: use one of {CHANNEL_COSTS}")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -384,7 +383,7 @@ def prune_channels(
     layers, total = _layer_costs(view, graph, cost, inputs)
     units = _matched_units(graph, _prunable_groups(graph, set(exclude)))
     if not units:
-        raise ValueError("prune found no channel it may remove: every channel group is frozen "
+        raise ValueError("prune_channels found no channel it may remove: every channel group is frozen "
                          "(see penni.channel_graph(model, x).describe())")
     groups = [g for unit in units for g in unit]
     scores = _group_scores(view, groups, graph.depthwise)
@@ -395,7 +394,7 @@ def prune_channels(
         if graph.kinds.get(name) in ("conv", "linear"):
             report.widths[name] = (lc.out, lc.kept_out)
     if report.reduction < target - slack:
-        warnings.warn(f"prune(rule='channels') reached only {100 * report.reduction:.1f}% fewer {cost} "
+        warnings.warn(f"prune_channels reached only {100 * report.reduction:.1f}% fewer {cost} "
                       f"(target {100 * target:.1f}%): the remaining channels are frozen or the last of their layer",
                       RuntimeWarning, stacklevel=2)
     return report

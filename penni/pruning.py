@@ -1,12 +1,9 @@
-"""prune(): zero small coefficients (per-layer std rule or global sparsity) or whole channels
-(aimed at a dense-MAC or parameter target), and hold them at zero.
+"""prune(): zero small coefficients (per-layer std rule or global sparsity) and hold them at zero.
 
 Element-wise rules (``std``, ``sparsity``) give the paper's sparse MACs, which no dense kernel
-skips. The ``channels`` rule removes whole coupled channel groups (``penni.channel_graph``), so
-``shrink`` really narrows the network and the dense-executable MACs fall by the requested fraction.
-Depthwise convs lose the channels their input loses; a grouped conv's channels go in matched
-sets (local position ``j`` of every group at once), the only removal ``shrink`` realizes exactly
-without dropping whole groups.
+skips. Whole coupled channel groups are removed by :func:`penni.prune_channels` (``channel_pruning``),
+aimed at a dense-MAC or parameter target, so that ``shrink`` really narrows the network; the two
+combine (masks held by one are kept by the other).
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .channel_pruning import CHANNEL_COSTS, ChannelPruneReport, prune_channels  # noqa: F401  (re-exported)
 from .conv import PenniConv2d
 from .masking import get_mask, hold_mask
 from .regularization import is_pointwise
@@ -39,27 +35,20 @@ def prune(
     target: float | None = None,
     include_pointwise: bool = False,
     exclude: Iterable[str] = (),
-    example_inputs: torch.Tensor | tuple | None = None,
-    cost: str = "dense_macs",
 ) -> dict[str, float]:
-    """Zero small coefficients (or whole channels) of ``model`` in place and hold them at zero.
+    """Zero small coefficients of ``model`` in place and hold them at zero.
 
     ``rule="std"``: per layer, zero entries with ``|c| < s * std(c)`` (the reference's rule).
     ``rule="sparsity"``: zero the smallest magnitudes over all layers together so that a
     fraction ``target`` of the prunable entries is zero. ``include_pointwise`` also prunes the
-    weights of 1x1 convs. Both return layer -> fraction of zero entries.
-    ``rule="channels"``: remove the least important coupled channel groups until ``cost``
-    (``"dense_macs"``, as ``penni.profile(...).dense_macs``, or ``"params"``) falls by the
-    fraction ``target``; needs ``example_inputs`` (see :func:`prune_channels`, which also returns
-    a report). Returns layer -> fraction of its output channels removed.
-    Masks combine with masks already held, so rules can be applied one after the other.
+    weights of 1x1 convs. Returns layer -> fraction of zero entries.
+    Masks combine with masks already held (e.g. by :func:`penni.prune_channels`, which removes
+    whole channel groups), so rules can be applied one after the other.
     """
     exclude = set(exclude)
     if rule == "channels":
-        if example_inputs is None:
-            raise ValueError("rule='channels' needs example_inputs (a batch the model accepts) to trace the model")
-        report = prune_channels(model, target, example_inputs, cost=cost, exclude=exclude)
-        return report.removed_fraction
+        raise ValueError("prune() zeroes single coefficients (rule 'std' or 'sparsity'); whole channels are "
+                         "removed by penni.prune_channels(model, target, example_inputs, cost=...)")
     tensors = [t for t in prunable_tensors(model, include_pointwise) if t[0] not in exclude]
     if not tensors:
         raise ValueError("prune found nothing to prune: decompose the model first (penni.decompose)")
@@ -91,7 +80,7 @@ def _element_thresholds(tensors: list[tuple[str, nn.Module, str]], rule: str, s:
         threshold = magnitudes.kthvalue(k).values if k > 0 else magnitudes.new_tensor(-1.0)
         return {name: threshold for name, _, _ in tensors}
     else:
-        raise ValueError(f"unknown pruning rule {rule!r}: use 'std', 'sparsity' or 'channels'")
+        raise ValueError(f"unknown pruning rule {rule!r}: use 'std' or 'sparsity' (channels: penni.prune_channels)")
 
 
 def prunable_fraction(model: nn.Module, rule: str = "std", s: float = 1.0, target: float | None = None,

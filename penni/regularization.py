@@ -2,7 +2,7 @@
 
 ``l1_penalty`` (the paper's term) zeroes single coefficients, which no dense kernel skips;
 ``group_l1_penalty`` pushes whole output (and optionally input) channels to zero, so that
-``prune(rule="channels")`` and ``shrink`` can remove them and the model really gets cheaper.
+``prune_channels`` and ``shrink`` can remove them and the model really gets cheaper.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def group_l1_penalty(model: nn.Module, dims: Sequence[str] = ("out",), include_p
     ``dims`` picks the groups: ``"out"`` (one group per output channel, ``coefficients[o]``)
     and/or ``"in"`` (one per input channel, ``coefficients[:, i]``). Like L1 on single
     entries, the norm's constant pull drives whole groups exactly to zero (Yuan & Lin's group
-    lasso; Torch-Pruning's group-norm sparse learning), which lets ``prune(rule="channels")``
+    lasso; Torch-Pruning's group-norm sparse learning), which lets ``prune_channels``
     and ``shrink`` remove channels. A plain sum, not weighted by group size. With
     ``include_pointwise`` the weights of 1x1 convs are added. Works on DDP-wrapped models.
     """

@@ -1,4 +1,5 @@
-"""shrink(): physically remove dead channels and basis kernels, exactly preserving the function.
+"""shrink(): physically remove dead channels and basis kernels, exactly preserving the function
+(``shrink_with_report`` also says what it removed).
 
 Pruning only zeroes coefficients; ``shrink`` turns the zeros into a smaller model. Per channel
 group of :mod:`penni.dependency` (the channels that must go together), a group is removed when
@@ -35,8 +36,7 @@ import torch
 from torch import nn
 
 from .conv import PenniConv2d, penni_layers
-from .dependency.graph import channel_graph
-from .dependency.groups import ChannelGraph, ChannelGroup, ConsumerUse
+from .dependency import ChannelGraph, ChannelGroup, ConsumerUse, channel_graph
 from .masking import bake_masks
 from .recipe import Recipe, get_recipe
 from .slicing import add_bias, slice_in, slice_out, slice_penni_basis
@@ -46,7 +46,7 @@ CONSTANT_TOLERANCE = 1e-6
 
 @dataclass
 class ShrinkReport:
-    """What ``shrink`` did (``shrink(..., return_report=True)`` returns it with the model).
+    """What ``shrink`` did (:func:`shrink_with_report` returns it with the model).
 
     ``widths[layer][axis] = (before, after)`` for every axis that changed ("out", "in",
     "basis"); ``folded[layer]`` counts constant channels folded into that layer's bias;
@@ -373,13 +373,8 @@ def _check_shrink_args(max_rounds: int, round_to: int | None) -> None:
         raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
 
 
-def shrink(
-    model: nn.Module,
-    example_inputs: torch.Tensor | tuple,
-    max_rounds: int = 10,
-    return_report: bool = False,
-    round_to: int | None = None,
-) -> nn.Module | tuple[nn.Module, ShrinkReport]:
+def shrink(model: nn.Module, example_inputs: torch.Tensor | tuple, *, max_rounds: int = 10,
+           round_to: int | None = None) -> nn.Module:
     """A smaller copy of ``model`` without dead channels and unused basis kernels.
 
     Removes output channels whose weights are all zero (with their BatchNorm channels and the
@@ -403,8 +398,20 @@ def shrink(
     and Linear width that shrinks stays a multiple of it (or the full width); the extra channels
     are unused or constant, so the result is still exact. ``None`` or 1: remove all it can.
 
-    With ``return_report=True`` returns ``(small_model, ShrinkReport)``.
+    :func:`shrink_with_report` does the same and also returns what was removed (a :class:`ShrinkReport`).
     """
+    return _shrink(model, example_inputs, max_rounds, round_to)[0]
+
+
+def shrink_with_report(model: nn.Module, example_inputs: torch.Tensor | tuple, *, max_rounds: int = 10,
+                       round_to: int | None = None) -> tuple[nn.Module, ShrinkReport]:
+    """:func:`shrink`, returning ``(small_model, report)``: the widths before and after, the constant channels
+    folded, the rounds it took (see :class:`ShrinkReport`)."""
+    return _shrink(model, example_inputs, max_rounds, round_to)
+
+
+def _shrink(model: nn.Module, example_inputs: torch.Tensor | tuple, max_rounds: int,
+            round_to: int | None) -> tuple[nn.Module, ShrinkReport]:
     _check_shrink_args(max_rounds, round_to)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     modes = {name: m.training for name, m in model.named_modules()}
@@ -426,8 +433,8 @@ def shrink(
             break
     else:
         warnings.warn(f"shrink stopped after max_rounds={max_rounds} rounds; more channels may be removable",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)  # the caller of shrink / shrink_with_report
     for name, m in small.named_modules():
         m.training = modes.get(name, m.training)
     report.params_after = _count(small)
-    return (small, report) if return_report else small
+    return small, report

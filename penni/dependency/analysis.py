@@ -1,4 +1,6 @@
-"""How channels flow through traced ops: the atom (union-find) analysis behind :func:`penni.channel_graph`."""
+"""How channels flow through traced ops: :func:`channel_graph` and the atom (union-find) analysis behind it, and
+the :class:`RuleContext` a registered channel rule (:mod:`.rules`) answers through. The design is in the package
+docstring (``penni/dependency/__init__.py``); the op tables are in :mod:`.ops`."""
 from __future__ import annotations
 
 import math
@@ -12,8 +14,63 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..conv import PenniConv2d
+from . import ops
 from .groups import ChannelGraph, ChannelGroup, ConsumerUse, InputStats, Producer
-from .rules import RuleContext, has_slicer, lookup_rule
+from .rules import has_slicer, lookup_rule, trace
+
+__all__ = ["RuleContext", "channel_graph"]
+
+# ----------------------------------------------------------------------------- the entry point
+
+def channel_graph(model: nn.Module, example_inputs: torch.Tensor | tuple, record_inputs: bool = False) -> ChannelGraph:
+    """Trace ``model``, run it once on ``example_inputs`` and return its channel groups.
+
+    The model runs as it is (put it in eval mode first: a training-mode run would update
+    BatchNorm statistics). ``record_inputs`` also measures, for every conv/linear call, the
+    per-channel mean and spread of its input (``ChannelGraph.input_stats``), which ``shrink``
+    uses to fold constant channels.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    gm = trace(model)
+    analysis = _Analysis(gm)
+    prop = _Propagate(gm, analysis, record_inputs)
+    with torch.no_grad():
+        prop.propagate(*inputs)
+    return analysis.finish(gm, prop.stats)
+
+
+# ----------------------------------------------------------------------------- what a channel rule sees
+
+class RuleContext:
+    """What a channel rule sees for one call of its module, and how it answers.
+
+    ``inputs`` holds the atom list of every tensor argument (None when untracked),
+    ``input_shapes`` their shapes and ``output_shape`` the shape of the result. The rule
+    returns the atom list of its output (one atom per output channel), built from input atoms
+    and from :meth:`fresh` channels, or None to say "unknown" (the channels are then frozen).
+    """
+
+    def __init__(self, analysis: _Analysis, name: str, module: nn.Module, inputs: list,
+                 input_shapes: list, output_shape: tuple | None) -> None:
+        self._analysis = analysis
+        self.name = name
+        self.module = module
+        self.inputs = inputs
+        self.input_shapes = input_shapes
+        self.output_shape = output_shape
+        self._used = 0
+
+    def fresh(self, n: int, zero: bool = False) -> list[int]:
+        """``n`` channels this module creates itself (its own output slots, numbered in the order
+        of the calls to ``fresh``; removing some calls ``slicing.slice_out(module, kept_slots)``).
+        ``zero=True`` declares them exactly zero for every input (shrink may then drop them)."""
+        return self._analysis.own_atoms(self, n, "zero" if zero else "opaque")
+
+    def freeze(self, atoms: Sequence[int], reason: str) -> None:
+        """Keep these channels whatever their weights say."""
+        for a in atoms:
+            self._analysis.freeze(a, f"{self.name}: {reason}")
+
 
 # ----------------------------------------------------------------------------- analysis
 
@@ -28,49 +85,6 @@ def _is(module: nn.Module, cls: type, method: str = "forward") -> bool:
 
 def _is_conv(m: nn.Module) -> bool:
     return (_is(m, nn.Conv2d) and _is(m, nn.Conv2d, "_conv_forward")) or _is(m, PenniConv2d)
-
-
-_PASSTHROUGH_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-)
-_CONST_BREAKING_MODULES: tuple[type, ...] = (  # per channel, but a constant does not stay constant
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
-)
-_PASSTHROUGH_FUNCTIONS = {
-    F.relu, torch.relu, torch.relu_, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
-    F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh,
-    F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    torch.clamp, torch.clip, torch.abs, torch.neg, torch.exp,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
-}
-_CONST_BREAKING_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_PASSTHROUGH_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
-    "clamp_min_", "clip", "clip_", "abs", "neg", "exp", "contiguous", "clone", "detach", "float",
-    "double", "half", "bfloat16", "to", "type_as", "requires_grad_",
-}
-_BINARY_FUNCTIONS = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum,
-}
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_SIZE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
-_SIZE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
-
-
-def _is_stochastic_depth(fn: Any) -> bool:
-    """torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt), matched by name: penni does not
-    import torchvision. It scales whole samples, so channels pass through."""
-    return getattr(fn, "__name__", "") == "stochastic_depth" and getattr(fn, "__module__", "").startswith("torchvision.")
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -254,9 +268,9 @@ class _Analysis:
             return atoms
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return self.passthrough(node, x, out_shape)
-        if isinstance(module, _PASSTHROUGH_MODULES):
+        if isinstance(module, ops.PASSTHROUGH_MODULES):
             return self.passthrough(node, x, out_shape)
-        if isinstance(module, _CONST_BREAKING_MODULES):
+        if isinstance(module, ops.CONST_BREAKING_MODULES):
             return self.passthrough(node, x, out_shape, const_safe=False)
         if isinstance(module, nn.Flatten):
             return self.flatten(node, x, module.start_dim, out_shape)
@@ -353,13 +367,13 @@ class _Analysis:
     def call_function(self, node: fx.Node, result: Any, out_shape: tuple | None) -> list[int] | None:
         fn = node.target
         x = node.args[0] if node.args else None
-        if fn in _BINARY_FUNCTIONS:
+        if fn in ops.BINARY_FUNCTIONS:
             return self.binary([_arg(node, 0, "input"), _arg(node, 1, "other")], out_shape)
-        if fn in _PASSTHROUGH_FUNCTIONS:
+        if fn in ops.PASSTHROUGH_FUNCTIONS:
             return self.passthrough(node, _arg(node, 0, "input"), out_shape)
-        if fn in _CONST_BREAKING_FUNCTIONS:
+        if fn in ops.CONST_BREAKING_FUNCTIONS:
             return self.passthrough(node, _arg(node, 0, "input"), out_shape, const_safe=False)
-        if _is_stochastic_depth(fn):  # torchvision's (fx-wrapped) per-sample drop: per channel
+        if ops.is_stochastic_depth(fn):  # torchvision's (fx-wrapped) per-sample drop: per channel
             training = _arg(node, 3, "training", True)
             return self.passthrough(node, _arg(node, 0, "input"), out_shape, const_safe=training is False)
         if fn is F.pad:
@@ -387,29 +401,29 @@ class _Analysis:
             return self.flatten(node, x, _arg(node, 1, "start_dim", 0), out_shape)
         if fn is torch.reshape:
             return self.view(x, [_arg(node, 1, "shape")], out_shape)
-        if fn in _REDUCE_FUNCTIONS:
+        if fn in ops.REDUCE_FUNCTIONS:
             return self.reduce(node, x, _arg(node, 1, "dim"), out_shape)
         if fn is operator.getitem:
             return self.getitem(x, node.args[1], result, out_shape)
-        if fn is getattr and node.args[1] in _SIZE_ATTRS:
+        if fn is getattr and node.args[1] in ops.SIZE_ATTRS:
             return None
         raise _Unknown(f"no channel rule for function {getattr(fn, '__name__', fn)}")
 
     def call_method(self, node: fx.Node, result: Any, out_shape: tuple | None) -> list[int] | None:
         method = str(node.target)
         x = node.args[0]
-        if method in _SIZE_METHODS:
+        if method in ops.SIZE_METHODS:
             return None
-        if method in _BINARY_METHODS:
+        if method in ops.BINARY_METHODS:
             return self.binary([x, _arg(node, 1, "other")], out_shape)
-        if method in _PASSTHROUGH_METHODS:
+        if method in ops.PASSTHROUGH_METHODS:
             return self.passthrough(node, x, out_shape)
         if method in ("view", "reshape"):
             target = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
             return self.view(x, target, out_shape)
         if method == "flatten":
             return self.flatten(node, x, _arg(node, 1, "start_dim", 0), out_shape)
-        if method in _REDUCE_METHODS:
+        if method in ops.REDUCE_METHODS:
             return self.reduce(node, x, _arg(node, 1, "dim"), out_shape)
         raise _Unknown(f"no channel rule for method .{method}()")
 

@@ -1,4 +1,10 @@
-"""Model registry: ``build_model(arch, ...)`` records its constructor in the penni recipe."""
+"""Model registry: ``build_model(arch, ...)`` records its constructor in the penni recipe.
+
+Importing this package registers ``build_model`` as the factory ``"penni.models:build_model"`` (``import penni``
+imports it, so ``penni.load`` always finds it). A torchvision classification model is the arch
+``"torchvision.models:<name>"``, the name of its builder in the factory registry; the older spelling
+``"torchvision:<name>"`` (in files and configs written before) is still accepted and read as the same arch.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +14,7 @@ import torch
 from torch import nn
 
 from ..recipe import set_constructor
-from ..serialization.factories import register_factory, without_downloads
+from ..serialization.factories import TORCHVISION_PREFIX, register_factory, without_downloads
 from .resnet import ChannelPadShortcut, CifarResNet, resnet18, resnet56
 from .vgg import VGG, fashion_cnn, vgg16
 
@@ -18,6 +24,16 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "fashion_cnn": fashion_cnn,
 }
+
+TORCHVISION_ARCH = TORCHVISION_PREFIX + ":"    # the one spelling: "torchvision.models:resnet50"
+LEGACY_TORCHVISION_ARCH = "torchvision:"        # accepted, read as TORCHVISION_ARCH
+
+
+def normalize_arch(arch: str) -> str:
+    """``arch`` in its one spelling: ``"torchvision:<name>"`` becomes ``"torchvision.models:<name>"``."""
+    if arch.startswith(LEGACY_TORCHVISION_ARCH):
+        return TORCHVISION_ARCH + arch[len(LEGACY_TORCHVISION_ARCH):]
+    return arch
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -30,21 +46,23 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int, **kwargs: 
     if in_channels != 3:
         stem = getattr(model, "conv1", None)
         if not isinstance(stem, nn.Conv2d):
-            raise ValueError(f"cannot change the input channels of torchvision:{name} (no conv1 stem)")
+            raise ValueError(f"cannot change the input channels of {TORCHVISION_ARCH}{name} (no conv1 stem)")
         model.conv1 = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride,
                                 stem.padding, bias=stem.bias is not None)
     return model
 
 
 def build_model(arch: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build ``arch`` ("vgg16", "resnet18", "resnet56", "fashion_cnn" or "torchvision:<name>")."""
-    if arch.startswith("torchvision:"):
-        model = _torchvision_model(arch.split(":", 1)[1], in_channels, num_classes, **kwargs)
+    """Build ``arch`` ("vgg16", "resnet18", "resnet56", "fashion_cnn" or "torchvision.models:<name>"; the old
+    "torchvision:<name>" is accepted and recorded as "torchvision.models:<name>")."""
+    arch = normalize_arch(arch)
+    if arch.startswith(TORCHVISION_ARCH):
+        model = _torchvision_model(arch[len(TORCHVISION_ARCH):], in_channels, num_classes, **kwargs)
     elif arch in ARCHITECTURES:
         model = ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes, **kwargs)
     else:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(f"unknown model arch {arch!r}: use one of {known} or 'torchvision:<name>'")
+        raise ValueError(f"unknown model arch {arch!r}: use one of {known} or '{TORCHVISION_ARCH}<name>'")
     return set_constructor(model, BUILD_MODEL_FACTORY, arch=arch, num_classes=num_classes,
                            in_channels=in_channels, **kwargs)
 
@@ -79,5 +97,5 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     return model
 
 
-__all__ = ["ARCHITECTURES", "build_model", "load_weights", "vgg16", "resnet18", "resnet56", "fashion_cnn",
-           "VGG", "CifarResNet", "ChannelPadShortcut"]
+__all__ = ["ARCHITECTURES", "TORCHVISION_ARCH", "build_model", "normalize_arch", "load_weights", "vgg16", "resnet18",
+           "resnet56", "fashion_cnn", "VGG", "CifarResNet", "ChannelPadShortcut"]

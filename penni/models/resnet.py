@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dependency.rules import RuleContext, register_channel_rule
+from ..dependency import RuleContext, register_channel_rule
 
 
 class BasicBlock(nn.Module):

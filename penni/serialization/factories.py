@@ -3,8 +3,9 @@
 A recipe names its constructor (``"penni.models:build_model"``); ``load`` looks that name up here
 and nowhere else. Nothing named in a file is ever imported. The registry holds:
 
-- factories registered in code: ``penni.register_factory("mypkg:build", build)`` (penni registers
-  its own ``"penni.models:build_model"``);
+- factories registered in code: ``penni.register_factory("mypkg:build", build)`` (``penni.models``
+  registers its own ``"penni.models:build_model"`` when imported, and ``import penni`` imports it: this
+  module never imports the models, which sit above it);
 - torchvision's model builders, found only through ``torchvision.models.list_models()`` and
   ``get_model_builder``: ``"torchvision.models:resnet50"`` (or the defining module,
   ``"torchvision.models.resnet:resnet50"``). They are always built without pretrained weights
@@ -113,8 +114,6 @@ def get_factory(name: str, factories: Mapping[str, Factory] | None = None) -> Fa
         if not callable(fn):
             raise TypeError(f"factories[{name!r}] is not callable")
         return fn
-    from .. import models  # noqa: F401  (registers penni's own build_model; a fixed import, never a name from a file)
-
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
     builder = _torchvision_builder(name) if isinstance(name, str) else None
@@ -129,8 +128,6 @@ def get_factory(name: str, factories: Mapping[str, Factory] | None = None) -> Fa
 
 def registered_factories() -> list[str]:
     """The names of the factories registered in code (torchvision's builders come on top)."""
-    from .. import models  # noqa: F401  (registers penni's own build_model)
-
     return sorted(_REGISTRY)
 
 

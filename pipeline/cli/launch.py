@@ -201,13 +201,13 @@ def log_summary(tracker, store) -> None:
 def failure_line(err: BaseException) -> str:
     """One line naming what went wrong: data, storage and tracking problems by their area, other
     errors by their type; unwraps what Ray wrapped (task causes, Ray Train worker failures)."""
-    from ..errors import find_data_error
+    from ..errors import find_data_error, innermost
     from ..storage.run_store import StorageError
 
     data_err = find_data_error(err)
     if data_err is not None:
         return f"data: {_first_line(data_err)}"
-    inner = _innermost(err)
+    inner = innermost(err)
     try:
         from ..tracking.uri import TrackingError
     except ImportError:  # pragma: no cover
@@ -217,20 +217,6 @@ def failure_line(err: BaseException) -> str:
     if isinstance(inner, TrackingError) or type(inner).__module__.startswith(("mlflow", "sqlalchemy")):
         return f"tracking: {type(inner).__name__}: {_first_line(inner)}"
     return f"{type(inner).__name__}: {_first_line(inner)}"
-
-
-def _innermost(err: BaseException) -> BaseException:
-    """The user's exception inside Ray's wrappers (a task error's cause, a worker group's failures)."""
-    for _ in range(10):
-        failures = getattr(err, "worker_failures", None)
-        cause = getattr(err, "cause", None)
-        if isinstance(failures, dict) and failures:
-            err = next(iter(failures.values()))
-        elif isinstance(cause, BaseException):
-            err = cause
-        else:
-            break
-    return err
 
 
 def _first_line(err: BaseException) -> str:

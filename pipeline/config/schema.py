@@ -10,7 +10,16 @@ import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # --------------------------------------------------------------------------------------
@@ -77,10 +86,14 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
+TORCHVISION_ARCH = "torchvision.models:"  # the one spelling of a torchvision arch (as penni.models.TORCHVISION_ARCH)
+LEGACY_TORCHVISION_ARCH = "torchvision:"   # accepted and normalized (this module must not import torch, so no import)
+
+
 class ModelConfig(_Section):
     """The network to compress: a penni/torchvision architecture and its shape."""
 
-    arch: str = Field("fashion_cnn", min_length=1)
+    arch: str = Field("fashion_cnn", min_length=1)  # "vgg16", ... or "torchvision.models:<name>"
     num_classes: PosInt = 10
     in_channels: PosInt = 1
     weights: Optional[str] = None
@@ -93,6 +106,14 @@ class ModelConfig(_Section):
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
             raise ValueError("must be JSON-serializable (plain YAML scalars, lists, mappings)") from None
+        return value
+
+    @field_validator("arch")
+    @classmethod
+    def _one_torchvision_spelling(cls, value: str) -> str:
+        """``torchvision:<name>`` (the older spelling) is read as ``torchvision.models:<name>``."""
+        if value.startswith(LEGACY_TORCHVISION_ARCH):
+            return TORCHVISION_ARCH + value[len(LEGACY_TORCHVISION_ARCH):]
         return value
 
 
@@ -204,22 +225,64 @@ class RetrainConfig(TrainConfig):
     include_pointwise: bool = False
 
 
+PruneRule = Literal["channels", "std", "sparsity"]
+CHANNEL_RULE = "channels"                # whole channel groups, to target_dense_macs_reduction (penni.prune_channels)
+ELEMENT_RULES = ("std", "sparsity")      # single coefficients (penni.prune), after the channels
+PRUNE_RULE_HELP = ("use 'channels', 'std' or 'sparsity', or 'channels' with one of the other two: "
+                   "'channels+std' or the list [channels, sparsity]")
+
+
 class PruneConfig(_Section):
     """Which coefficients and channels to remove."""
 
-    rule: Literal["std", "sparsity", "channels", "channels+std", "channels+sparsity"] = "channels+std"
+    # The rules, channels first: a list (``[channels, std]``) or the "+"-joined string configs have always used
+    # (``channels+std``), parsed here and nowhere else.
+    rule: list[PruneRule] = Field(default_factory=lambda: ["channels", "std"])
     s: PosFloat = 1.25
     target: Optional[Fraction] = None
     target_dense_macs_reduction: Optional[Fraction] = 0.7
     include_pointwise: bool = False
 
+    @field_validator("rule", mode="before")
+    @classmethod
+    def _rule_names(cls, value: Any) -> list[str]:
+        names = value.split("+") if isinstance(value, str) else value
+        if not isinstance(names, list) or not names:
+            raise ValueError(f"must name a rule or a list of rules; {PRUNE_RULE_HELP}")
+        unknown = [n for n in names if n != CHANNEL_RULE and n not in ELEMENT_RULES]
+        if unknown:
+            raise ValueError(f"unknown rule {unknown[0]!r}; {PRUNE_RULE_HELP}")
+        twice = [n for n in names if names.count(n) > 1]
+        if twice:
+            raise ValueError(f"names {twice[0]!r} twice; {PRUNE_RULE_HELP}")
+        elements = [n for n in names if n in ELEMENT_RULES]
+        if len(elements) > 1:
+            raise ValueError(f"'std' and 'sparsity' do not combine; {PRUNE_RULE_HELP}")
+        return [CHANNEL_RULE] * (CHANNEL_RULE in names) + elements  # channels first, as the prune stage runs them
+
+    @field_serializer("rule")
+    def _rule_as_string(self, rule: list[str]) -> str:
+        # Dumped as the old "+"-joined string: the stage fingerprints hash model_dump() of this section
+        # (pipeline/stages/fingerprints.py), so configs written before the list keep their fingerprints.
+        return "+".join(rule)
+
+    @property
+    def channels(self) -> bool:
+        """Whether whole channel groups go first (``penni.prune_channels``)."""
+        return CHANNEL_RULE in self.rule
+
+    @property
+    def element_rule(self) -> str | None:
+        """The rule ``penni.prune`` applies after the channels ("std" or "sparsity"), if any."""
+        return next((r for r in self.rule if r in ELEMENT_RULES), None)
+
     def problems(self) -> list[tuple[str, str]]:
-        found = []
-        if self.rule.endswith("sparsity") and self.target is None:
-            found.append(("target", f"required when {{at}}rule is {self.rule!r}; got null. "
+        found, rule = [], "+".join(self.rule)
+        if self.element_rule == "sparsity" and self.target is None:
+            found.append(("target", f"required when {{at}}rule is {rule!r}; got null. "
                                     "Set a fraction in (0, 1), e.g. --set {at}target=0.9."))
-        if self.rule.startswith("channels") and self.target_dense_macs_reduction is None:
-            found.append(("target_dense_macs_reduction", f"required when {{at}}rule is {self.rule!r}; got null. "
+        if self.channels and self.target_dense_macs_reduction is None:
+            found.append(("target_dense_macs_reduction", f"required when {{at}}rule is {rule!r}; got null. "
                           "Set the fraction of dense MACs to remove, e.g. --set {at}target_dense_macs_reduction=0.6."))
         return found
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..config.loading import flatten, from_dict, to_dict
 from ..config.schema import PipelineConfig
+from ..errors import find_cause
 from ..storage.run_store import RunStore
 from ..training.distributed import TrainJob, run_training, training_run_name
 from .fingerprints import stage_fingerprints
@@ -151,9 +152,10 @@ class Pipeline:
 
 def _fails_the_same_way(err: BaseException) -> bool:
     """Bad data or config (ValueError such as DataError or TrainingError, TypeError, KeyError) fail
-    the same way on a retry, also when raised in a Ray task (its ``cause``) or a Ray Train worker."""
-    causes = [err, getattr(err, "cause", None), *(getattr(err, "worker_failures", None) or {}).values()]
-    return any(isinstance(e, (ValueError, TypeError, KeyError)) for e in causes)
+    the same way on a retry, also when raised in a Ray task (its ``cause``) or a Ray Train worker;
+    one wrapper deep, and not through ``__cause__``/``__context__`` (an error raised while handling
+    a ValueError may well pass on a retry)."""
+    return find_cause(err, (ValueError, TypeError, KeyError), chained=False, depth=1) is not None
 
 
 def _stage_params(cfg: PipelineConfig, stage: str) -> dict:

@@ -28,6 +28,7 @@ from .. import console
 from ..config.loading import to_dict
 from ..config.schema import PipelineConfig
 from ..data.loaders import build_datasets, example_batch, make_loader
+from ..storage.canonical import write_json
 from ..training import loop as T
 from ..training.checkpoints import BEST_FILE, HISTORY_FILE, MODEL_FILE
 from ..training.distributed import Distillation, StageTraining, TrainJob
@@ -54,10 +55,6 @@ def _device(cfg: PipelineConfig) -> torch.device:
     return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-
-
 def _val_accuracy(model: nn.Module, cfg: PipelineConfig, splits=None) -> float:
     splits = splits or build_datasets(cfg.data, seed=cfg.seed)
     loader = make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False, workers=cfg.data.loader_workers)
@@ -76,7 +73,7 @@ def _run_training(ctx: StageContext, input_model: Path | None, select: str,
     history = json.loads((checkpoint_dir / HISTORY_FILE).read_text())
     chosen = checkpoint_dir / (BEST_FILE if select == "best" and (checkpoint_dir / BEST_FILE).exists() else MODEL_FILE)
     shutil.copy2(chosen, ctx.out_dir / MODEL_FILE)
-    _write_json(ctx.out_dir / HISTORY_FILE, history)
+    write_json(ctx.out_dir / HISTORY_FILE, history)
     last = history[-1] if history else {}
     best = max(history, key=lambda h: h["val_top1"]) if history else {}
     picked = best if select == "best" else last
@@ -124,7 +121,7 @@ def run_decompose(ctx: StageContext) -> dict:
         errors = {name: float((m.reconstructed_weight() - dense[name]).norm() / dense[name].norm())
                   for name, m in layers.items()}
     save(model, ctx.out_dir / MODEL_FILE)
-    _write_json(ctx.out_dir / "approximation_error.json", errors)
+    write_json(ctx.out_dir / "approximation_error.json", errors)
     return {"layers_decomposed": len(layers), "mean_relative_kernel_error": statistics.fmean(errors.values()) if errors else 0.0,
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
@@ -139,8 +136,8 @@ def retrain_training(rcfg: Any, pcfg: Any = None) -> StageTraining:
 
 def _prune_preview(pcfg: Any) -> dict | None:
     """``penni.prunable_fraction`` arguments for the element part of ``prune.rule`` (None: channels only)."""
-    element_rule = pcfg.rule.split("+")[-1] if pcfg is not None else "channels"
-    if element_rule == "channels" or (element_rule == "sparsity" and pcfg.target is None):
+    element_rule = pcfg.element_rule if pcfg is not None else None
+    if element_rule is None or (element_rule == "sparsity" and pcfg.target is None):
         return None
     return {"rule": element_rule, "s": pcfg.s, "target": pcfg.target, "include_pointwise": pcfg.include_pointwise}
 
@@ -157,18 +154,17 @@ def run_prune(ctx: StageContext) -> dict:
     pcfg = ctx.cfg.prune
     model = load(ctx.input_model("retrain"))
     metrics = {}
-    if pcfg.rule.startswith("channels"):  # "channels", "channels+std", "channels+sparsity"
+    if pcfg.channels:  # prune.rule: [channels], [channels, std] or [channels, sparsity] (parsed by the schema)
         x = example_batch(build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), batch_size=8)
         report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
         console.report_line(report.summary().splitlines()[0])  # per-layer widths: channels.json
-        _write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
+        write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
         metrics = {"predicted_dense_macs_reduction": report.reduction, "channel_groups_removed": report.groups_removed}
-    element_rule = pcfg.rule.split("+")[-1]
-    if element_rule != "channels":
-        penni.prune(model, rule=element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+    if pcfg.element_rule is not None:
+        penni.prune(model, rule=pcfg.element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
     per_layer = layer_sparsity(model, pcfg.include_pointwise)
     save(model, ctx.out_dir / MODEL_FILE)
-    _write_json(ctx.out_dir / "sparsity.json", per_layer)
+    write_json(ctx.out_dir / "sparsity.json", per_layer)
     return {**metrics, "sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
             "val_top1": _val_accuracy(model, ctx.cfg)}
 
@@ -247,7 +243,7 @@ def run_evaluate(ctx: StageContext) -> dict:
     models["compressed"].to(device)
     onnx_note = _onnx_latency(ctx, models, results, splits, cfg.evaluate.latency_repeats)
     summary = _evaluation_summary(results, device, cfg.evaluate, onnx_note)
-    _write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary, "inference_plans": plans})
+    write_json(ctx.out_dir / "evaluation.json", {"models": results, "summary": summary, "inference_plans": plans})
     flat = {f"{label}.{k}": v for label, entry in results.items() for k, v in entry.items()}
     return {**summary, **flat}
 
@@ -373,7 +369,7 @@ def run_report(ctx: StageContext) -> dict:
                                                        metrics=["loss", "top1", "sparsity", "l1_penalty", "lr"]))
     evaluation = json.loads((ctx.inputs["evaluate"] / "evaluation.json").read_text())
     (out / "summary.md").write_text(summary_markdown(evaluation["summary"], evaluation["models"]))
-    _write_json(out / "evaluation.json", evaluation)
+    write_json(out / "evaluation.json", evaluation)
     return {"pictures": len(pictures)}
 
 

@@ -1,7 +1,8 @@
 """Canonical JSON: the one sha256 of JSON values (fingerprints) and the one strict JSON writer.
 
 A stage's fingerprint hashes its config section and its inputs' fingerprints, so equal inputs give
-equal fingerprints in any process. ``json_safe`` turns metrics into strict JSON (NaN -> null).
+equal fingerprints in any process. ``json_safe`` turns metrics into strict JSON (NaN -> null);
+``json_bytes`` is the one format of every JSON file the project writes (``write_json`` for a local file).
 """
 
 from __future__ import annotations
@@ -65,3 +66,10 @@ def json_safe(obj: Any) -> Any:
 def json_bytes(obj: Any) -> bytes:
     """Strict, sorted, indented JSON of ``obj`` (after ``json_safe``), newline-terminated."""
     return (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``json_bytes(obj)`` to the local file ``path`` (the one way the project writes a JSON file;
+    ``RunStore.write_json_atomic`` and ``fileio.atomic_write_bytes`` for ones others may read meanwhile)."""
+    with open(path, "wb") as f:
+        f.write(json_bytes(obj))

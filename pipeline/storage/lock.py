@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Any, Callable
 
+from .canonical import json_bytes
+
 LOCK_NAME = ".lock"
 LEASE_S = 120.0            # lifetime of an object-store lease; renewed every LEASE_S / 4
 READ_BACK_S = 2.0          # object stores: how long to wait before reading our lease back
@@ -202,7 +204,7 @@ class RunLock:
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(record).encode())
+            f.write(json_bytes(record))
             f.flush()
             os.fsync(f.fileno())
         self._token = record["token"]
@@ -255,7 +257,7 @@ class RunLock:
             if reason is None:
                 raise RunLockedError(self._message(holder))
         record = self._record()
-        self.store.write_bytes(self.path, json.dumps(record).encode())
+        self.store.write_bytes(self.path, json_bytes(record))
         time.sleep(READ_BACK_S)
         current = self._read()
         if current is None or current.get("token") != record["token"]:
@@ -278,4 +280,4 @@ class RunLock:
                 return
             record = {**record, "expires_epoch": time.time() + LEASE_S}
             with contextlib.suppress(Exception):
-                self.store.write_bytes(self.path, json.dumps(record).encode())
+                self.store.write_bytes(self.path, json_bytes(record))

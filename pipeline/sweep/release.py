@@ -10,13 +10,15 @@ ended once its process is gone.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import Callback
+
+from ..storage.canonical import json_bytes
+from ..storage.fileio import atomic_write_bytes
 
 RECORD_FILE = "sweep_placement_groups.json"
 _LIVE_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
@@ -30,10 +32,7 @@ class RecordPlacementGroup(WorkerGroupCallback):
 
     def after_worker_group_start(self, worker_group) -> None:
         pg = worker_group._worker_group_state.placement_group_handle.placement_group
-        ids = _read(self.path)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps([*ids, pg.id.hex()]))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, json_bytes([*_read(self.path), pg.id.hex()]))
 
 
 class ReleaseEndedTrials(Callback):

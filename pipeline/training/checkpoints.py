@@ -20,6 +20,7 @@ from torch import nn
 from penni.serialization.format import save
 
 from .. import console
+from ..storage.canonical import write_json
 from ..storage.fileio import sha256_file
 
 MODEL_FILE = "model.safetensors"
@@ -34,7 +35,7 @@ def write_checksums(directory: Path) -> None:
     """Record the sha256 of every file of a checkpoint directory in ``checksums.json`` (written last)."""
     files = {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir())
              if p.is_file() and p.name != CHECKSUMS_FILE}
-    (Path(directory) / CHECKSUMS_FILE).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True))
+    write_json(Path(directory) / CHECKSUMS_FILE, {"sha256": files})
 
 
 def checkpoint_problem(directory: Path) -> str | None:
@@ -89,7 +90,7 @@ def write_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.O
         shutil.copy2(best_copy, directory / BEST_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "best": best}, directory / STATE_FILE)
-    (directory / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    write_json(directory / HISTORY_FILE, history)
     write_checksums(directory)
 
 

@@ -33,6 +33,7 @@ from .. import console
 from ..config.loading import from_dict
 from ..data.device import device_loader, uses_device_loader
 from ..data.loaders import build_datasets, make_loader, resolve_loader
+from ..errors import find_cause
 from ..storage.canonical import fingerprint
 from ..storage.fileio import sha256_file
 from . import loop as T
@@ -273,7 +274,8 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
                               schedule=run.schedule, label_smoothing=run.tcfg.label_smoothing, teacher=run.teacher,
                               progress=progress)
     except T.NonFiniteLossError as err:
-        raise T.NonFiniteLossError(f"[{stage}] {err}: {T.non_finite_loss_advice(stage, run.tcfg)}") from None
+        advice = T.non_finite_loss_advice(stage, run.tcfg.lr, {"l1": extras.l1, "group_l1": extras.group_l1})
+        raise T.NonFiniteLossError(f"[{stage}] {err}: {advice}") from None
     run.scheduler.step()
     n = m["train_samples"]
     ce, top1, objective, count = run.world.all_reduce(torch.tensor(
@@ -450,15 +452,5 @@ def run_training(job: TrainJob, *, use_ray: bool, run_name: str, storage: tuple[
 
 def _training_error_inside(err: BaseException) -> T.TrainingError | None:
     """The ``TrainingError`` a Ray Train worker raised, unwrapped (so it reads as one line and is not retried)."""
-    seen = set()
-    todo = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)  # a RayTaskError wrapping the worker's exception
-        if isinstance(e, T.TrainingError):
-            return cause if isinstance(cause, T.TrainingError) else e
-        todo += [cause, e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
-    return None
+    found = find_cause(err, T.TrainingError)
+    return found if isinstance(found, T.TrainingError) else None

@@ -64,12 +64,11 @@ def check_trainable(cfg: Any, splits_or_sizes: Any, stages: Sequence[str], num_w
                         f"{', use fewer ray.num_workers' if workers > 1 else ''} or raise data.train_subset")
 
 
-def non_finite_loss_advice(stage: str, tcfg: Any) -> str:
-    """What to change when ``stage``'s loss diverges."""
-    knobs = [f"{stage}.lr (now {tcfg.lr:g})"]
-    for penalty in ("l1", "group_l1"):
-        if getattr(tcfg, penalty, 0) > 0:
-            knobs.append(f"{stage}.{penalty} (now {getattr(tcfg, penalty):g})")
+def non_finite_loss_advice(stage: str, lr: float, penalties: dict[str, float]) -> str:
+    """What to change when ``stage``'s loss diverges: its ``lr`` and the penalties it trains with
+    (``{"l1": ..., "group_l1": ...}``, named as in the stage's config section)."""
+    knobs = [f"{stage}.lr (now {lr:g})"]
+    knobs += [f"{stage}.{name} (now {value:g})" for name, value in penalties.items() if value > 0]
     return "lower " + " or ".join(knobs)
 
 

@@ -67,7 +67,7 @@ def test_vgg16_table1_profile_matches_the_table(vgg16):
 def test_vgg16_table1_is_already_shrunk(vgg16):
     """No channel or basis kernel is dead: shrink has nothing left to remove, and the output is unchanged."""
     x = torch.randn(2, 3, 32, 32)
-    small, report = penni.shrink(vgg16, x, return_report=True)
+    small, report = penni.shrink_with_report(vgg16, x)
     assert report.removed_groups == 0 and report.widths == {}
     with torch.inference_mode():
         torch.testing.assert_close(penni.set_forward_mode(small, "dense")(x), vgg16(x), rtol=1e-5, atol=1e-5)

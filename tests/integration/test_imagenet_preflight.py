@@ -54,7 +54,7 @@ def _argv(paths: dict, tmp_path) -> list[str]:
 def test_imagenet_config_passes_preflight_when_its_paths_exist(imagenet_like, tmp_path):
     args = parse_args(_argv(imagenet_like, tmp_path))
     cfg = resolve_config(args)
-    assert (cfg.model.arch, cfg.model.num_classes, cfg.data.dataset) == ("torchvision:resnet50", CLASSES, "parquet")
+    assert (cfg.model.arch, cfg.model.num_classes, cfg.data.dataset) == ("torchvision.models:resnet50", CLASSES, "parquet")
     assert preflight(cfg, args.tracking_uri) == []
     state = torch.load(cfg.model.weights, weights_only=True)  # what the baseline stage loads: no pickle code
     assert state["fc.weight"].shape == (CLASSES, 2048)

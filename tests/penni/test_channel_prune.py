@@ -1,4 +1,4 @@
-"""Channel-level sparsity: group-lasso penalty and prune(rule="channels") aimed at a cost target.
+"""Channel-level sparsity: group-lasso penalty and prune_channels aimed at a cost target.
 
 The cost reached is measured the way users see it: really shrinking the pruned model
 (``penni.shrink``) and profiling it (``penni.profile``), never from the pruner's own estimate.
@@ -68,7 +68,7 @@ def test_channels_reach_dense_mac_target_on_torchvision_resnet50():
     model = build_model("torchvision:resnet50").eval()
     randomize_batchnorm(model, seed=4)
     x = torch.randn(2, 3, 64, 64)
-    penni.prune(model, rule="channels", target=0.5, example_inputs=x)
+    penni.prune_channels(model, 0.5, x)
     small, reduction, change = shrunk_and_measured(model, x)
     assert abs(reduction - 0.5) <= TOLERANCE, reduction
     assert change <= 1e-5
@@ -84,7 +84,7 @@ def test_params_cost_reaches_its_target(resnet18_penni):
     model = copy.deepcopy(resnet18_penni)
     x = torch.randn(1, 3, 16, 16)  # parameter counts do not depend on the input size
     before = penni.profile(model, x).params
-    penni.prune(model, rule="channels", target=0.5, example_inputs=x, cost="params")
+    penni.prune_channels(model, 0.5, x, cost="params")
     after = penni.profile(penni.shrink(model, x), x).params
     assert abs((1 - after / before) - 0.5) <= TOLERANCE
 
@@ -159,7 +159,7 @@ def test_channels_reach_dense_mac_target_on_mobilenet_v2_through_depthwise_convs
 def test_channels_reach_dense_mac_target_on_resnext50_in_matched_sets():
     model = torchvision_penni("resnext50_32x4d")
     x = torch.randn(1, 3, 32, 32)  # small: the costs scale alike at every input size
-    report = penni.prune(model, rule="channels", target=0.4, example_inputs=x)
+    report = penni.prune_channels(model, 0.4, x)
     small, reduction, change = shrunk_and_measured(model, x)
     assert abs(reduction - 0.4) <= TOLERANCE, reduction
     assert change <= 1e-5
@@ -168,7 +168,7 @@ def test_channels_reach_dense_mac_target_on_resnext50_in_matched_sets():
     assert all(m.groups == 32 for m in after.values())  # channels go from every group alike
     assert any(after[n].in_channels < m.in_channels for n, m in before.items())
     assert any(after[n].out_channels < m.out_channels for n, m in before.items())
-    assert sum(report.values()) > 0
+    assert sum(report.removed_fraction.values()) > 0
 
 
 class UnmatchableNet(nn.Module):
@@ -253,7 +253,7 @@ def test_masks_hold_through_sgd_and_survive_save_load(tmp_path):
 def test_element_wise_pruning_on_top_combines_masks(resnet18_penni):
     model = copy.deepcopy(resnet18_penni)
     x = torch.randn(2, 3, 32, 32)
-    penni.prune(model, rule="channels", target=0.4, example_inputs=x)
+    penni.prune_channels(model, 0.4, x)
     channel_zeros = penni.coefficient_sparsity(model)
     penni.prune(model, rule="std", s=1.0)
     assert penni.coefficient_sparsity(model) > channel_zeros
@@ -265,12 +265,12 @@ def test_element_wise_pruning_on_top_combines_masks(resnet18_penni):
 def test_bad_channel_arguments_are_clear_errors():
     model = penni.decompose(build_model("fashion_cnn", in_channels=1), d=5).eval()
     x = torch.randn(2, 1, 28, 28)
-    with pytest.raises(ValueError, match="example_inputs"):
+    with pytest.raises(ValueError, match="penni.prune_channels"):  # prune() is element-wise only
         penni.prune(model, rule="channels", target=0.5)
     with pytest.raises(ValueError, match="target in"):
-        penni.prune(model, rule="channels", target=1.5, example_inputs=x)
+        penni.prune_channels(model, 1.5, x)
     with pytest.raises(ValueError, match="unknown cost"):
-        penni.prune(model, rule="channels", target=0.5, example_inputs=x, cost="latency")
+        penni.prune_channels(model, 0.5, x, cost="latency")
     assert penni.get_recipe(model) is not None and not list(penni.masking.iter_masks(model))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,6 +255,31 @@ def test_registered_factory(tmp_path):
     model = set_constructor(Tied(width=5), factory, width=5)
     loaded = assert_round_trip(model, torch.randn(2, 5), tmp_path / "tied.safetensors")
     assert loaded.a.weight is loaded.b.weight
+
+
+def test_importing_only_the_serialization_package_registers_penni_models():
+    """The factory registry never imports penni.models; ``import penni`` (run by any ``import penni.x``) does."""
+    code = ("import sys, penni.serialization.factories as f; "
+            "assert f.registered_factories() == ['penni.models:build_model'], f.registered_factories(); "
+            "assert 'penni.models' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_torchvision_arch_has_one_spelling_and_old_files_load(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("torchvision:resnet18", num_classes=3).eval()
+    assert get_recipe(model).constructor["kwargs"]["arch"] == "torchvision.models:resnet18"
+    # a file written before: its recipe says arch="torchvision:resnet18"
+    set_constructor(model, "penni.models:build_model", arch="torchvision:resnet18", num_classes=3, in_channels=3)
+    path = tmp_path / "old.safetensors"
+    save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["penni_recipe"])["constructor"]["kwargs"]["arch"] == "torchvision:resnet18"
+    loaded = load(path).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # build_model reads the old spelling as the one spelling; the loaded recipe is the file's, as written
 
 
 def test_constructor_argument_and_missing_constructor(tmp_path):

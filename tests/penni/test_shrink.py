@@ -10,9 +10,9 @@ from torch import nn
 
 import penni
 from penni.conv import PenniConv2d
-from penni.dependency.graph import channel_graph
+from penni.dependency import channel_graph
 from penni.models import build_model
-from penni.shrinking import shrink
+from penni.shrinking import shrink, shrink_with_report
 from penni.slicing import slice_in, slice_out
 from tests.helpers import kill_in, kill_out
 from tests.helpers import randomize_batchnorm as _randomize
@@ -217,7 +217,7 @@ def test_shrink_is_exact_and_smaller(arch, size, scenario, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     architecture = copy.deepcopy(model)  # un-shrunk shapes, for the recipe checks
 
-    small, report = shrink(model, x, return_report=True)
+    small, report = shrink_with_report(model, x)
 
     with torch.no_grad():
         expected, got = model(x), small(x)
@@ -265,7 +265,7 @@ def test_constant_channel_is_folded_into_a_1x1_consumer_and_kept_before_a_padded
     penni.set_forward_mode(net, mode)
     x = torch.randn(3, 3, 12, 12)
     assert net[3].bias is None
-    small, report = shrink(net, x, return_report=True)
+    small, report = shrink_with_report(net, x)
     with torch.no_grad():
         assert rel_err(small(x), net(x)) <= 1e-6
     assert small[0].out_channels == 6 and small[1].num_features == 6 and small[3].in_channels == 6

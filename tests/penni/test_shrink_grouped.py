@@ -7,9 +7,9 @@ from torch import nn
 
 import penni
 from penni.conv import PenniConv2d
-from penni.dependency.graph import channel_graph
+from penni.dependency import channel_graph
 from penni.models import build_model
-from penni.shrinking import shrink
+from penni.shrinking import shrink, shrink_with_report
 from tests.helpers import GroupedNet, kill_in, kill_out, randomize_batchnorm
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,7 +129,7 @@ def test_shrink_through_depthwise_and_grouped_convs_is_exact_and_narrower(arch, 
     model = build(arch)
     expected = scenario(model)
     x = torch.randn(2, 3, 64, 64)
-    small, report = shrink(model, x, return_report=True)
+    small, report = shrink_with_report(model, x)
     with torch.no_grad():
         reference, got = model(x), small(x)
     assert rel_err(got, reference) <= 1e-5
@@ -150,7 +150,7 @@ def test_a_constant_behind_a_zero_padded_depthwise_conv_is_reported():
     model = build("torchvision:mobilenet_v2")
     kill_channels(model, "features.4.conv.0.0", "features.4.conv.0.1", [0, 1, 2], value=0.5)
     x = torch.randn(2, 3, 64, 64)
-    small, report = shrink(model, x, return_report=True)
+    small, report = shrink_with_report(model, x)
     assert small.get_submodule("features.4.conv.1.0").out_channels == 144
     assert any("depthwise conv features.4.conv.1.0" in line for line in report.kept_constant), report.kept_constant
     with torch.no_grad():

@@ -79,7 +79,7 @@ def test_partial_section_keeps_section_defaults(tmp_path):
 
 def test_shipped_imagenet_values():
     cfg = load_config("imagenet_resnet50")
-    assert cfg.model.arch == "torchvision:resnet50"
+    assert cfg.model.arch == "torchvision.models:resnet50"
     assert cfg.model.num_classes == 1000 and cfg.model.in_channels == 3
     assert cfg.baseline.epochs == 0
     assert cfg.data.dataset == "parquet" and cfg.data.image_size == 224
@@ -220,6 +220,62 @@ def test_sparsity_with_target_ok():
     assert cfg.prune.target == 0.9
     with pytest.raises(ConfigError, match="prune.target"):
         load_config(None, ["prune.rule=sparsity", "prune.target=1.5"])
+
+
+@pytest.mark.parametrize(
+    "written, parsed",
+    [
+        ("std", ["std"]),
+        ("sparsity", ["sparsity"]),
+        ("channels", ["channels"]),
+        ("channels+std", ["channels", "std"]),
+        ("channels+sparsity", ["channels", "sparsity"]),
+        ("[channels, std]", ["channels", "std"]),
+        ("[sparsity]", ["sparsity"]),
+        ("[std, channels]", ["channels", "std"]),  # channels first: the order the prune stage runs them in
+    ],
+)
+def test_prune_rule_is_a_list_of_rule_names(written, parsed):
+    cfg = load_config(None, [f"prune.rule={written}", "prune.target=0.5"])
+    assert cfg.prune.rule == parsed
+    assert cfg.prune.channels == ("channels" in parsed)
+    assert cfg.prune.element_rule == next((r for r in parsed if r != "channels"), None)
+    # dumped (and fingerprinted) as the "+"-joined string configs always held, and loaded back the same
+    assert cfg.prune.model_dump()["rule"] == cfg.prune.model_dump(mode="json")["rule"] == "+".join(parsed)
+    assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_prune_rule_as_a_list_or_the_old_string_has_one_fingerprint(tmp_path):
+    as_list = load_config(_write(tmp_path, "prune:\n  rule: [channels, std]\n"))
+    as_string = load_config(_write(tmp_path, "prune:\n  rule: channels+std\n", "old.yaml"))
+    assert as_list == as_string == load_config(None)  # channels+std is the default
+    assert section_fingerprint(as_list, "prune") == section_fingerprint(as_string, "prune")
+
+
+@pytest.mark.parametrize(
+    "written, problem",
+    [
+        ("channel", "unknown rule 'channel'"),
+        ("channels+l1", "unknown rule 'l1'"),
+        ("[channels, 3]", "unknown rule 3"),
+        ("std+sparsity", "'std' and 'sparsity' do not combine"),
+        ("channels+channels", "names 'channels' twice"),
+        ("[]", "must name a rule or a list of rules"),
+        ("5", "must name a rule or a list of rules"),
+    ],
+)
+def test_bad_prune_rule_names_the_allowed_values(written, problem):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [f"prune.rule={written}"])
+    (error,) = exc.value.errors
+    assert error.startswith(f"prune.rule: {problem}; use 'channels', 'std' or 'sparsity'"), error
+
+
+def test_torchvision_arch_has_one_spelling():
+    old = load_config(None, ["model.arch=torchvision:resnet18"])
+    new = load_config(None, ["model.arch=torchvision.models:resnet18"])
+    assert old.model.arch == new.model.arch == "torchvision.models:resnet18"
+    assert load_config(None, ["model.arch=vgg16"]).model.arch == "vgg16"
 
 
 def test_unknown_yaml_key_names_full_key(tmp_path):
