@@ -11,7 +11,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      ("penni.conv", "penni.masking", "penni.unwrap", "penni.recipe", "penni.regularization", "penni.slicing")),
     ("penni analysis", "what is coupled, what it costs, how it runs; decomposition and the alternating schedule",
      ("penni.dependency", "penni.decomposition", "penni.schedule", "penni.profiling", "penni.comparison",
-      "penni.inference", "penni.export", "penni.visualize")),
+      "penni.inference", "penni.export", "penni.latency", "penni.visualize")),
     ("penni compression", "pruning coefficients and channels, shrinking the network",
      ("penni.pruning", "penni.channel_pruning", "penni.shrinking")),
     ("penni serialization", "files: safetensors plus a JSON recipe replayed on load, the factory registry",

@@ -20,6 +20,7 @@ from .decomposition import decompose, svd_factors
 from .dependency import channel_graph, register_channel_rule
 from .export import export_onnx, to_torch
 from .inference import InferencePlan, optimize_for_inference
+from .latency import LatencySettings, LatencyTable, latency_table, speedup_target
 from .masking import bake_masks, hold_mask
 from .profiling import Profile, profile
 from .pruning import coefficient_sparsity, hold_zeros, prunable_fraction, prune
@@ -49,6 +50,8 @@ __all__ = [
     # pruning: coefficients (prune) and whole channel groups (prune_channels), masks held
     "prune", "prunable_fraction", "hold_zeros", "coefficient_sparsity", "prune_channels", "ChannelPruneReport",
     "hold_mask", "bake_masks",
+    # pruning to a measured speed-up: prune_channels(cost="latency") and its latency tables
+    "speedup_target", "LatencySettings", "LatencyTable", "latency_table",
     # shrinking and what is coupled
     "shrink", "shrink_with_report", "ShrinkReport", "channel_graph", "register_channel_rule",
     # cost and comparison

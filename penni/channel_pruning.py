@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .conv import PenniConv2d
 from .dependency import ChannelGraph, ChannelGroup, channel_graph
+from .latency import LatencySettings, greedy_by_ratio, latency_table, measure_model, select_to_speedup
 from .masking import bake_masks, hold_mask
 from .profiling import profile
+from .shrinking import shrink
 
-CHANNEL_COSTS: tuple[str, ...] = ("dense_macs", "params")
+#: ``importance(view, groups, graph) -> {group id: score}``: how ``prune_channels`` ranks channel groups (lowest
+#: goes first; Torch-Pruning's ``Importance``). ``view`` is an eval-mode copy of the model with masks baked,
+#: ``groups`` the prunable :class:`~penni.dependency.ChannelGroup` s, ``graph`` the ``ChannelGraph``.
+Importance = Callable[[nn.Module, "list[ChannelGroup]", ChannelGraph], "dict[int, float]"]
+CHANNEL_COSTS: tuple[str, ...] = ("dense_macs", "params", "latency")
 
 @dataclass
 class ChannelPruneReport:
@@ -42,6 +48,8 @@ class ChannelPruneReport:
     groups_prunable: int
     groups_removed: int
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: cost="latency": baseline_ms / pruned_ms / speedup per batch size (measured), round_to, rounds
+    latency: dict = field(default_factory=dict)
 
     @property
     def reduction(self) -> float:
@@ -68,8 +76,11 @@ class _LayerCost:
     inp: int
     kept_out: int = 0
     kept_in: int = 0
+    curve: Callable[[int, int], float] | None = None  # cost="latency": interpolated from the latency table
 
     def value(self) -> float:
+        if self.curve is not None:
+            return self.curve(self.kept_out, self.kept_in)
         o = self.kept_out / self.out if self.out else 1.0
         i = self.kept_in / self.inp if self.inp else 1.0
         return self.full * o * i + self.linear * o
@@ -166,6 +177,15 @@ def _group_scores(model: nn.Module, groups: list[ChannelGroup], depthwise: dict[
             if factor:
                 score *= float(torch.stack(factor).mean())
         scores[g.id] = score
+    return scores
+
+
+def _scores(view: nn.Module, groups: list[ChannelGroup], graph: ChannelGraph,
+            importance: Importance | None) -> dict[int, float]:
+    """The groups' scores: ``importance``'s, or :func:`_group_scores` by default; every group needs one."""
+    scores = _group_scores(view, groups, graph.depthwise) if importance is None else importance(view, groups, graph)
+    if missing := [g.id for g in groups if g.id not in scores]:
+        raise ValueError(f"importance gave no score for channel groups {missing[:5]}")
     return scores
 
 
@@ -292,6 +312,73 @@ def _shift(affected: list, sign: int) -> None:
             lc.kept_in += sign * k
 
 
+def _chunks(units: list[list[ChannelGroup]], scores: dict[int, float], graph: ChannelGraph,
+            multiple: int) -> list[deque]:
+    """Per channel space (units with one footprint): its units, least important first, in chunks that keep
+    the space's width a multiple of ``multiple``; a chunk is ``(score, groups, footprint)``."""
+    footprints = _footprints(graph)
+    spaces: dict[tuple, list] = defaultdict(list)
+    for unit in units:
+        spaces[tuple(sorted(_unit_footprint(unit, footprints)))].append(unit)
+    queues = []
+    def unit_score(unit: list[ChannelGroup]) -> float:
+        return sum(scores[g.id] for g in unit) / len(unit)
+
+    for (name, axis, k), *_ in spaces:
+        members = sorted(spaces[((name, axis, k), *_)], key=lambda u: (unit_score(u), u[0].id))
+        size, first = max(1, multiple // k), (len(graph.slots[name][axis]) % multiple) // k
+        bounds = [0] + list(range(first or size, len(members) + size, size))
+        queue: deque = deque()
+        for lo, hi in zip(bounds, bounds[1:]):
+            chunk = [g for u in members[lo:hi] for g in u]
+            queue.append((sum(map(unit_score, members[lo:hi])), chunk, _unit_footprint(chunk, footprints)))
+        queues.append(queue)
+    return queues
+
+
+def _chunk_saving(chunk: tuple, layers: dict[str, _LayerCost], apply: bool = False) -> float | None:
+    """Modelled cost that removing ``chunk`` saves (None: a layer would lose its last channel); ``apply`` removes it."""
+    affected = [(layers[n], axis, k) for n, axis, k in chunk[2] if n in layers]
+    if any((lc.kept_out if axis == "out" else lc.kept_in) - k < 1 for lc, axis, k in affected):
+        return None
+    distinct = list({id(lc): lc for lc, _, _ in affected}.values())
+    before = sum(lc.value() for lc in distinct)
+    _shift(affected, -1)
+    after = sum(lc.value() for lc in distinct)
+    _shift(affected, 0 if apply else +1)
+    return before - after
+
+
+def _prune_to_latency(view: nn.Module, graph: ChannelGraph, units: list, scores: dict[int, float], inputs: tuple,
+                      settings: LatencySettings | None, target: float) -> tuple[list[ChannelGroup], dict, dict]:
+    """Chunks by importance per latency saved (the table's, interpolated) to a goal; the shrunk copy timed, and
+    the selection continued while it misses ``target`` (:func:`penni.latency.select_to_speedup`)."""
+    settings = settings or LatencySettings()
+    table = latency_table(view, inputs, settings)
+    base = measure_model(view, inputs, settings)
+    layers = {name: _LayerCost(0.0, 0.0, len(axes.get("out", ())), len(axes.get("in", ())),
+                               len(axes.get("out", ())), len(axes.get("in", ())), table.curve(name, base))
+              for name, axes in graph.slots.items() if graph.kinds.get(name) in ("conv", "linear") and name in table.specs}
+    queues = _chunks(units, scores, graph, settings.multiple)
+    total = sum(lc.value() for lc in layers.values())
+    chosen: list[ChannelGroup] = []
+
+    def select(goal: float) -> tuple[bool, float]:
+        cost = sum(lc.value() for lc in layers.values())
+        taken = greedy_by_ratio(queues, lambda c: c[0], lambda c: _chunk_saving(c, layers),
+                                lambda c: _chunk_saving(c, layers, apply=True), cost - total * goal)
+        chosen.extend(g for chunk in taken for g in chunk[1])
+        return bool(taken), sum(lc.value() for lc in layers.values()) / total
+
+    def measure() -> tuple[dict[int, float], dict[int, float]]:
+        trial = copy.deepcopy(view)
+        _zero_masks(trial, chosen, graph.depthwise)
+        small = shrink(trial, inputs)
+        return measure_model(view, inputs, settings), measure_model(small, inputs, settings)
+
+    return chosen, layers, select_to_speedup(select, measure, base, target, settings)
+
+
 def _zero_columns(mask: torch.Tensor, positions: tuple[int, ...], groups: int) -> None:
     """Zero the weights reading input ``positions`` (grouped conv: only the rows of each position's group)."""
     if groups == 1:
@@ -355,12 +442,13 @@ def prune_channels(
     cost: str = "dense_macs",
     exclude: Iterable[str] = (),
     slack: float = 0.01,
+    latency: LatencySettings | None = None, importance: Importance | None = None,
 ) -> ChannelPruneReport:
     """Zero the least important coupled channel groups of ``model`` (in place, masks held) until
     ``cost`` falls by the fraction ``target``.
 
     Groups come from ``penni.channel_graph`` (a residual channel is one group across all its
-    branches; frozen groups are never touched) and are ranked by :func:`_group_scores`. The cost
+    branches; frozen groups are never touched), ranked by :data:`Importance` (default :func:`_group_scores`). The cost
     of removing channels is computed from the graph, not by re-profiling: a conv/linear layer's
     cost scales with kept output x kept input channels (depthwise: with kept channels),
     starting from ``penni.profile``'s per-layer dense MACs (``cost="dense_macs"``) or the
@@ -372,6 +460,9 @@ def prune_channels(
     each group keeps the same width and ``shrink`` removes exactly what the cost model counts;
     sets that cannot be balanced are left alone. Apply ``penni.prune(model, rule="std")``
     afterwards for element-wise sparsity on the surviving channels.
+
+    ``cost="latency"``: ``target`` is the fraction of measured latency to remove (``penni.speedup_target(2.0)``: 0.5)
+    where ``latency`` (``penni.LatencySettings``) says; see :func:`_prune_to_latency`. ``report.latency``: the timings.
     """
     if target is None or not 0.0 < target < 1.0:
         raise ValueError(f"prune_channels needs a target in (0, 1) (the fraction of {cost} to remove), got {target!r}")
@@ -386,10 +477,15 @@ def prune_channels(
         raise ValueError("prune_channels found no channel it may remove: every channel group is frozen "
                          "(see penni.channel_graph(model, x).describe())")
     groups = [g for unit in units for g in unit]
-    scores = _group_scores(view, groups, graph.depthwise)
-    chosen, after = _select_units(units, scores, layers, _footprints(graph), total, target, slack)
+    scores = _scores(view, groups, graph, importance)
+    if cost == "latency":
+        chosen, layers, measured = _prune_to_latency(view, graph, units, scores, inputs, latency, target)
+        total, after = measured.pop("worst_ms")
+    else:
+        (chosen, after), measured = _select_units(units, scores, layers, _footprints(graph), total, target, slack), {}
     _zero_masks(model, chosen, graph.depthwise)
-    report = ChannelPruneReport(cost, target, total, after, len(graph.groups), len(groups), len(chosen))
+    report = ChannelPruneReport(cost, target, total, after, len(graph.groups), len(groups), len(chosen),
+                                latency=measured)
     for name, lc in layers.items():
         if graph.kinds.get(name) in ("conv", "linear"):
             report.widths[name] = (lc.out, lc.kept_out)

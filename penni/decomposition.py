@@ -37,9 +37,14 @@ def is_decomposable(conv: nn.Module) -> bool:
 
     Depthwise convs (one input channel per group) have a single kernel per output channel:
     sharing a basis there saves nothing, so they stay dense. Other grouped convs are
-    decomposed exactly (the coefficient conv keeps the groups).
+    decomposed exactly (the coefficient conv keeps the groups). Subclasses that change how the
+    conv computes (their own ``forward`` or ``_conv_forward``: timm's same-padding ``Conv2dSame``,
+    weight-standardized ``StdConv2d`` / ``ScaledStdConv2d``) stay dense, as do convs with a
+    padding mode other than zeros; mixed convs (timm's ``MixedConv2d``) hold plain convs, which are decomposed.
     """
     if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+        return False
+    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
         return False
     kh, kw = conv.kernel_size
     depthwise = conv.groups > 1 and conv.in_channels == conv.groups

@@ -355,3 +355,32 @@ def plot_learning_curves(
 
 
 __all__ = ["plot_coefficients", "plot_reconstructed", "plot_learning_curves"]
+
+
+def plot_accuracy_cost(points: Sequence[Mapping[str, Any]], path: str | Path, *, reference_top1: float | None = None,
+                       budget_points: float | None = None, chosen: int | None = None,
+                       title: str | None = None) -> Path:
+    """Validation top-1 (%) against the dense-MAC reduction (%) of a sequence of compression steps (``points``:
+    dicts with ``dense_macs_reduction`` and ``val_top1`` as fractions, and ``step``), the reference (baseline)
+    top-1 and the lowest top-1 the budget allows as lines, the ``chosen`` step ringed."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [100.0 * float(p["dense_macs_reduction"]) for p in points]
+    ys = [100.0 * float(p["val_top1"]) for p in points]
+    ax.plot(xs, ys, marker="o", color="tab:blue", label="step (validation)")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(str(p.get("step", "")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if reference_top1 is not None:
+        ax.axhline(100.0 * reference_top1, color="tab:gray", linestyle="--", label="baseline")
+        if budget_points is not None:
+            ax.axhline(100.0 * reference_top1 - budget_points, color="tab:red", linestyle=":", label="budget")
+    if chosen is not None and 0 <= chosen < len(points):
+        ax.scatter([xs[chosen]], [ys[chosen]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,
+                   label="chosen", zorder=3)
+    ax.set_xlabel("dense MACs removed (%)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

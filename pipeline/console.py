@@ -54,6 +54,17 @@ def report_line(text: str) -> None:
     _emit("line", str(text))
 
 
+_notes_sent: set[str] = set()  # this process's notes (report_note), each sent once
+
+
+def report_note(text: str) -> None:
+    """A note every training process may make alike (e.g. the augmentation chosen): shown once per session."""
+    if text in _notes_sent:
+        return
+    _notes_sent.add(text)
+    _emit("note", str(text))
+
+
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     """The numbers and short strings of ``metrics`` (what the epoch line shows; cheap to send)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
@@ -139,9 +150,10 @@ class Display:
         self._lock = threading.RLock()
         self._last_refresh = 0.0
         self.flush_reports: Callable[[], None] = lambda: None  # the session pulls pending Ray reports
+        self._notes: set[str] = set()
 
     def handle(self, kind: str, args: tuple) -> None:
-        """One report (``kind`` is ``epoch``, ``batches`` or ``line``), under the display's lock."""
+        """One report (``kind`` is ``epoch``, ``batches``, ``line`` or ``note``), under the display's lock."""
         with self._lock:
             getattr(self, kind)(*args)
 
@@ -173,6 +185,12 @@ class Display:
 
     def line(self, text: str) -> None:
         self.write(text)
+
+    def note(self, text: str) -> None:
+        """A ``report_note``: the first time it reaches this display."""
+        if text not in self._notes:
+            self._notes.add(text)
+            self.write(text)
 
     def dag_line(self, text: str) -> None:
         """A line of the stage runner (``Pipeline(log=...)``): stage starts open the bar, ends print one line."""

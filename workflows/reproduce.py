@@ -212,7 +212,7 @@ def schedule(model: str, scale: Scale, device: str, work: Path) -> dict[str, Any
 
 def stage_order() -> list[tuple[str, tuple[str, ...]]]:
     """The pipeline's stages in order with the earlier stages each one reads (the pipeline's own stage table)."""
-    return [(entry.name, tuple(entry.inputs)) for entry in STAGE_TABLE]
+    return [(entry.name, tuple(entry.inputs + entry.reads_also)) for entry in STAGE_TABLE]
 
 
 def _init_override(init: Path | None) -> tuple[str, ...]:

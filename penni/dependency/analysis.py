@@ -1,6 +1,6 @@
-"""How channels flow through traced ops: :func:`channel_graph` and the atom (union-find) analysis behind it, and
-the :class:`RuleContext` a registered channel rule (:mod:`.rules`) answers through. The design is in the package
-docstring (``penni/dependency/__init__.py``); the op tables are in :mod:`.ops`."""
+"""How channels flow through traced ops: :func:`channel_graph` and the atom (union-find) analysis behind it. The
+design is in the package docstring (``penni/dependency/__init__.py``); the op tables are in :mod:`.ops`, the
+functions that carry a module's parameters in :mod:`.functional`, the rules of custom modules in :mod:`.rules`."""
 from __future__ import annotations
 
 import math
@@ -14,11 +14,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..conv import PenniConv2d
-from . import ops
+from . import functional, ops
 from .groups import ChannelGraph, ChannelGroup, ConsumerUse, InputStats, Producer
-from .rules import has_slicer, lookup_rule, trace
+from .rules import RuleContext, has_slicer, lookup_rule, trace
+from .shapes import ShapeOps, Unknown
 
-__all__ = ["RuleContext", "channel_graph"]
+__all__ = ["channel_graph"]
 
 # ----------------------------------------------------------------------------- the entry point
 
@@ -32,51 +33,14 @@ def channel_graph(model: nn.Module, example_inputs: torch.Tensor | tuple, record
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     gm = trace(model)
-    analysis = _Analysis(gm)
+    analysis = _Analysis(gm, model)
     prop = _Propagate(gm, analysis, record_inputs)
     with torch.no_grad():
         prop.propagate(*inputs)
     return analysis.finish(gm, prop.stats)
 
 
-# ----------------------------------------------------------------------------- what a channel rule sees
-
-class RuleContext:
-    """What a channel rule sees for one call of its module, and how it answers.
-
-    ``inputs`` holds the atom list of every tensor argument (None when untracked),
-    ``input_shapes`` their shapes and ``output_shape`` the shape of the result. The rule
-    returns the atom list of its output (one atom per output channel), built from input atoms
-    and from :meth:`fresh` channels, or None to say "unknown" (the channels are then frozen).
-    """
-
-    def __init__(self, analysis: _Analysis, name: str, module: nn.Module, inputs: list,
-                 input_shapes: list, output_shape: tuple | None) -> None:
-        self._analysis = analysis
-        self.name = name
-        self.module = module
-        self.inputs = inputs
-        self.input_shapes = input_shapes
-        self.output_shape = output_shape
-        self._used = 0
-
-    def fresh(self, n: int, zero: bool = False) -> list[int]:
-        """``n`` channels this module creates itself (its own output slots, numbered in the order
-        of the calls to ``fresh``; removing some calls ``slicing.slice_out(module, kept_slots)``).
-        ``zero=True`` declares them exactly zero for every input (shrink may then drop them)."""
-        return self._analysis.own_atoms(self, n, "zero" if zero else "opaque")
-
-    def freeze(self, atoms: Sequence[int], reason: str) -> None:
-        """Keep these channels whatever their weights say."""
-        for a in atoms:
-            self._analysis.freeze(a, f"{self.name}: {reason}")
-
-
 # ----------------------------------------------------------------------------- analysis
-
-class _Unknown(Exception):
-    pass
-
 
 def _is(module: nn.Module, cls: type, method: str = "forward") -> bool:
     """isinstance with an unmodified ``method`` (a subclass overriding forward is not ``cls``)."""
@@ -93,11 +57,12 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-class _Analysis:
+class _Analysis(ShapeOps):
     """Atom bookkeeping filled in node by node while the graph runs on the example inputs."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, model: nn.Module) -> None:
         self.root = root
+        self.model = model   # the traced model: owns the parameters that functions read (``get_attr``)
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}
         self.const_unsafe: set[int] = set()
@@ -107,6 +72,8 @@ class _Analysis:
         self.depthwise: dict[str, int] = {}
         self.atoms: dict[fx.Node, list[int] | None] = {}
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+        self.parts: dict[fx.Node, list[list[int]]] = {}   # split / chunk results: the atoms of each part
+        self.cdim: dict[fx.Node, int] = {}   # channels-last nodes: the dim that holds the channels
         self.module_out: dict[str, list[int]] = {}   # producer/norm/rule module -> out atoms (own slots)
         self.module_in: dict[str, list[int]] = {}    # conv/linear -> input atoms
         self.kinds: dict[str, str] = {}
@@ -165,30 +132,18 @@ class _Analysis:
 
     def tracked(self, node: Any) -> list[int]:
         if not isinstance(node, fx.Node) or self.atoms.get(node) is None:
-            raise _Unknown("an input whose channels are not tracked")
+            raise Unknown("an input whose channels are not tracked")
         return self.atoms[node]
 
     def passthrough(self, node: fx.Node, x: Any, out_shape: tuple | None, const_safe: bool = True) -> list[int] | None:
         atoms = self.tracked(x)
         in_shape = self.shapes[x]
         if self.channels(out_shape) != len(atoms) or out_shape[0] != in_shape[0]:
-            raise _Unknown("changes the channel dimension")
+            raise Unknown("changes the channel dimension")
         other_tensors = [n for n in self.input_nodes(node) if n is not x and self.shapes.get(n) is not None]
         if not const_safe or other_tensors:  # e.g. clamp(x, max=t): t may depend on the input
             self.const_unsafe.update(atoms)
         return list(atoms)
-
-    def flatten_like(self, x: Any, out_shape: tuple | None) -> list[int]:
-        """(N, C, d2, ...) -> (N, C*d2*...*dk, d(k+1), ...): channel c -> a block of positions."""
-        atoms = self.tracked(x)
-        in_shape = self.shapes[x]
-        if out_shape is None or len(out_shape) < 2 or out_shape[0] != in_shape[0]:
-            raise _Unknown("reshapes the batch or channel dimension")
-        for k in range(1, len(in_shape)):
-            if tuple(out_shape) == (in_shape[0], math.prod(in_shape[1:k + 1]), *in_shape[k + 1:]):
-                repeat = math.prod(in_shape[2:k + 1])
-                return [a for a in atoms for _ in range(repeat)]
-        raise _Unknown("reshapes the channel dimension")
 
     # per node ---------------------------------------------------------------
     def visit(self, node: fx.Node, result: Any) -> None:
@@ -204,19 +159,42 @@ class _Analysis:
                     for a in self.atoms.get(n) or ():
                         self.freeze(a, "model output")
                 atoms = None
+            elif (x := self.channels_last_input(node)) is not None:
+                module = self.root.get_submodule(str(node.target)) if node.op == "call_module" else None
+                atoms = self.channels_last(node, x, module, out_shape)
             elif node.op == "call_module":
                 atoms = self.call_module(node, out_shape)
             elif node.op == "call_function":
                 atoms = self.call_function(node, result, out_shape)
             else:
                 atoms = self.call_method(node, result, out_shape)
-        except _Unknown as why:
+        except Unknown as why:
             reason = f"{node.format_node()}: {why}"
             for n in self.input_nodes(node):
                 for a in self.atoms.get(n) or ():
                     self.freeze(a, reason)
-            atoms = self.fresh_frozen(out_shape, reason)
+            channels_last = any(n in self.cdim for n in self.input_nodes(node)) or node in self.cdim
+            self.cdim.pop(node, None)
+            atoms = None if channels_last else self.fresh_frozen(out_shape, reason)
         self.atoms[node] = atoms
+
+    def channels_last_input(self, node: fx.Node) -> fx.Node | None:
+        """The first argument when its channels are not on dim 1 (permute has its own rule)."""
+        x = node.args[0] if node.args else None
+        if node.op == "output" or not isinstance(x, fx.Node) or x not in self.cdim:
+            return None
+        return None if node.target in ("permute", torch.permute) else x
+
+    def is_plain_linear(self, module: nn.Module) -> bool:
+        return _is(module, nn.Linear)
+
+    def is_channelwise(self, node: fx.Node, module: nn.Module | None) -> bool:
+        """Works channel by channel whatever dim holds the channels (activations, dropout, contiguous)."""
+        if node.op == "call_module":
+            return isinstance(module, (*ops.ACTIVATIONS, nn.Identity, nn.Dropout))
+        if node.op == "call_function":
+            return node.target in ops.ELEMENTWISE_FUNCTIONS
+        return node.target in ops.ELEMENTWISE_METHODS
 
     def call_module(self, node: fx.Node, out_shape: tuple | None) -> list[int] | None:
         name = str(node.target)
@@ -228,44 +206,16 @@ class _Analysis:
                               [self.shapes[a] for a in tensor_args], out_shape)
             atoms = rule(module, ctx)
             if atoms is None or len(atoms) != self.channels(out_shape):
-                raise _Unknown(f"channel rule for {type(module).__name__} gave no answer")
+                raise Unknown(f"channel rule for {type(module).__name__} gave no answer")
             self.kinds[name] = "rule"
             return list(atoms)
         if len(node.args) != 1 or node.kwargs:
-            raise _Unknown("module called with several arguments")
+            raise Unknown("module called with several arguments")
         x = node.args[0]
         if _is_conv(module) or _is(module, nn.Linear):
-            atoms = self.tracked(x)
-            in_shape = self.shapes[x]
-            if isinstance(module, nn.Linear) and len(in_shape) != 2:
-                raise _Unknown("Linear on a tensor that is not (N, features)")
-            if not isinstance(module, nn.Linear) and len(in_shape) != 4:
-                raise _Unknown("convolution on a tensor that is not (N, C, H, W)")
-            self.kinds[name] = "linear" if isinstance(module, nn.Linear) else "conv"
-            if name in self.module_in:
-                self.union_lists(self.module_in[name], atoms)
-            else:
-                self.module_in[name] = list(atoms)
-            self.uses.append((node.name, name, list(atoms)))
-            groups = getattr(module, "groups", 1)
-            if groups != 1:
-                self.conv_groups[name] = groups
-            if groups != 1 and groups == module.in_channels:
-                return self.depthwise_conv(name, module, atoms)
-            if name not in self.module_out:
-                out = [self.new() for _ in range(self.channels(out_shape))]
-                for i, a in enumerate(out):
-                    self.producers[a] = Producer(name, i, "weights")
-                self.module_out[name] = out
-            return list(self.module_out[name])
+            return self.weighted(node, name, module, x, out_shape)
         if isinstance(module, _BatchNorm) and _is(module, _BatchNorm) and has_slicer(module):
-            atoms = self.passthrough(node, x, out_shape)
-            if name in self.module_out:
-                self.union_lists(self.module_out[name], atoms)
-            else:
-                self.module_out[name] = list(atoms)
-            self.kinds[name] = "norm"
-            return atoms
+            return self.norm(node, name, x, out_shape)
         if isinstance(module, nn.PReLU) and module.num_parameters == 1:
             return self.passthrough(node, x, out_shape)
         if isinstance(module, ops.PASSTHROUGH_MODULES):
@@ -274,7 +224,62 @@ class _Analysis:
             return self.passthrough(node, x, out_shape, const_safe=False)
         if isinstance(module, nn.Flatten):
             return self.flatten(node, x, module.start_dim, out_shape)
-        raise _Unknown(f"no channel rule for module {type(module).__name__}")
+        raise Unknown(f"no channel rule for module {type(module).__name__}")
+
+    def weighted(self, node: fx.Node, name: str, module: nn.Module, x: Any, out_shape: tuple | None) -> list[int]:
+        """A conv or linear call of ``module`` (its own or a function on its parameters) reading ``x``."""
+        atoms = self.tracked(x)
+        in_shape = self.shapes[x]
+        if isinstance(module, nn.Linear) and len(in_shape) != 2 and self.cdim.get(x) != len(in_shape) - 1:
+            raise Unknown("Linear on a tensor whose last dim is not the channels")
+        if not isinstance(module, nn.Linear) and len(in_shape) != 4:
+            raise Unknown("convolution on a tensor that is not (N, C, H, W)")
+        self.kinds[name] = "linear" if isinstance(module, nn.Linear) else "conv"
+        if name in self.module_in:
+            self.union_lists(self.module_in[name], atoms)
+        else:
+            self.module_in[name] = list(atoms)
+        self.uses.append((node.name, name, list(atoms)))
+        groups = getattr(module, "groups", 1)
+        if groups != 1:
+            self.conv_groups[name] = groups
+        if groups != 1 and groups == module.in_channels:
+            return self.depthwise_conv(name, module, atoms)
+        if name not in self.module_out:
+            width = module.out_features if isinstance(module, nn.Linear) else self.channels(out_shape)
+            out = [self.new() for _ in range(width)]
+            for i, a in enumerate(out):
+                self.producers[a] = Producer(name, i, "weights")
+            self.module_out[name] = out
+        return list(self.module_out[name])
+
+    def norm(self, node: fx.Node, name: str, x: Any, out_shape: tuple | None) -> list[int]:
+        """A per-channel BatchNorm call of ``name`` (its own, or F.batch_norm on its parameters)."""
+        atoms = self.tracked(x)
+        if self.channels(out_shape) != len(atoms) or tuple(out_shape) != tuple(self.shapes[x]):
+            raise Unknown("a BatchNorm that changes the shape")
+        others = [n for n in self.input_nodes(node) if n is not x and n.op != "get_attr" and self.shapes.get(n)]
+        if others:
+            self.const_unsafe.update(atoms)
+        if name in self.module_out:
+            self.union_lists(self.module_out[name], atoms)
+        else:
+            self.module_out[name] = list(atoms)
+        self.kinds[name] = "norm"
+        return list(atoms)
+
+    def parameter_function(self, node: fx.Node, out_shape: tuple | None) -> list[int]:
+        """F.batch_norm / F.conv2d / F.linear on one module's parameters: that module's call."""
+        found = functional.owner(self.model, node)
+        if isinstance(found, str):
+            raise Unknown(found)
+        name, module = found
+        x = _arg(node, 0, "input")
+        if node.target is F.batch_norm:
+            if not has_slicer(module):
+                raise Unknown(f"F.batch_norm on {type(module).__name__}, which penni cannot slice")
+            return self.norm(node, name, x, out_shape)
+        return self.weighted(node, name, module, x, out_shape)
 
     def depthwise_conv(self, name: str, module: nn.Module, atoms: list[int]) -> list[int]:
         """Output channel ``o`` of a depthwise conv filters input channel ``o // k``: same atom."""
@@ -293,7 +298,7 @@ class _Analysis:
         for op in operands:
             if not isinstance(op, fx.Node):
                 if isinstance(op, torch.Tensor):
-                    raise _Unknown("a tensor constant operand")
+                    raise Unknown("a tensor constant operand")
                 continue  # a python number
             shape = self.shapes.get(op)
             if shape is None:
@@ -303,9 +308,9 @@ class _Analysis:
                 if math.prod(shape) == 1:
                     scalar_tensor = True  # broadcast to every channel; may depend on the input
                     continue
-                raise _Unknown("an operand whose channels are not tracked")
+                raise Unknown("an operand whose channels are not tracked")
             if len(shape) != len(out_shape) or len(atoms) != out_shape[1]:
-                raise _Unknown("broadcasts over the channel dimension")
+                raise Unknown("broadcasts over the channel dimension")
             lists.append(atoms)
         if not lists:
             return None
@@ -315,58 +320,13 @@ class _Analysis:
             self.const_unsafe.update(lists[0])
         return list(lists[0])
 
-    def reduce(self, node: fx.Node, x: Any, dims: Any, out_shape: tuple | None) -> list[int] | None:
-        in_shape = self.shapes.get(x)
-        if dims is None or in_shape is None:
-            raise _Unknown("reduces over the channel dimension")
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if not dims or any(not isinstance(d, int) or d % len(in_shape) < 2 for d in dims):
-            raise _Unknown("reduces over the batch or channel dimension")
-        return self.passthrough(node, x, out_shape)
-
-    def view(self, x: Any, target: Sequence[Any], out_shape: tuple | None) -> list[int]:
-        if len(target) == 1 and isinstance(target[0], (tuple, list, torch.Size)):
-            target = target[0]
-        in_shape = self.shapes.get(x)
-        if in_shape is None or out_shape is None or len(target) != len(out_shape) or len(out_shape) < 2:
-            raise _Unknown("reshapes the channel dimension")
-        if isinstance(target[1], int) and target[1] != -1:
-            raise _Unknown("a hard-coded channel count")
-        if tuple(out_shape[:2]) == tuple(in_shape[:2]) and len(out_shape) >= 2:
-            self.tracked(x)
-            if math.prod(out_shape[2:]) == math.prod(in_shape[2:]):
-                return list(self.atoms[x])
-        return self.flatten_like(x, out_shape)
-
-    def flatten(self, node: fx.Node, x: Any, start: Any, out_shape: tuple | None) -> list[int]:
-        in_shape = self.shapes.get(x)
-        if in_shape is None or not isinstance(start, int) or start % len(in_shape) == 0:
-            raise _Unknown("flattens the batch dimension")
-        if start % len(in_shape) == 1:
-            return self.flatten_like(x, out_shape)
-        return self.passthrough(node, x, out_shape)
-
-    def getitem(self, x: Any, index: Any, result: Any, out_shape: tuple | None) -> list[int] | None:
-        if not isinstance(x, fx.Node) or self.shapes.get(x) is None:
-            if isinstance(result, torch.Tensor):
-                raise _Unknown("a tensor taken out of a container")
-            return None  # e.g. x.shape[0]
-        index = index if isinstance(index, tuple) else (index,)
-        rank = len(self.shapes[x])
-        if any(i is None or isinstance(i, (fx.Node, torch.Tensor, list)) for i in index):
-            raise _Unknown("advanced indexing")
-        full = slice(None, None, None)
-        if index and index[0] is Ellipsis:
-            ok = len(index) - 1 <= rank - 2 and Ellipsis not in index[1:]
-        else:
-            ok = len(index) >= 1 and index[0] == full and (len(index) == 1 or index[1] == full or index[1] is Ellipsis)
-        if not ok or out_shape is None or tuple(out_shape[:2]) != tuple(self.shapes[x][:2]):
-            raise _Unknown("indexes the batch or channel dimension")
-        return list(self.tracked(x))
-
     def call_function(self, node: fx.Node, result: Any, out_shape: tuple | None) -> list[int] | None:
         fn = node.target
         x = node.args[0] if node.args else None
+        if fn in functional.PARAMETER_FUNCTIONS:
+            return self.parameter_function(node, out_shape)
+        if fn in functional.ACROSS_CHANNELS:
+            raise Unknown(f"F.{fn.__name__} normalizes across the channels")
         if fn in ops.BINARY_FUNCTIONS:
             return self.binary([_arg(node, 0, "input"), _arg(node, 1, "other")], out_shape)
         if fn in ops.PASSTHROUGH_FUNCTIONS:
@@ -381,7 +341,7 @@ class _Analysis:
             x = _arg(node, 0, "input")
             in_shape = self.shapes.get(x)
             if in_shape is None or not isinstance(pad, (tuple, list)) or len(pad) > 2 * (len(in_shape) - 2):
-                raise _Unknown("pads the batch or channel dimension")
+                raise Unknown("pads the batch or channel dimension")
             mode = _arg(node, 2, "mode", "constant")
             return self.passthrough(node, x, out_shape, const_safe=mode != "constant")
         if fn is torch.cat or fn is torch.concat:
@@ -389,12 +349,12 @@ class _Analysis:
             dim = _arg(node, 1, "dim", 0)
             lists = [self.tracked(t) for t in tensors]
             if out_shape is None or not isinstance(dim, int):
-                raise _Unknown("concatenation")
+                raise Unknown("concatenation")
             if dim % len(out_shape) == 1:
                 return [a for atoms in lists for a in atoms]
             for other in lists[1:]:
                 if len(other) != len(lists[0]):
-                    raise _Unknown("concatenation")
+                    raise Unknown("concatenation")
                 self.union_lists(lists[0], other)
             return list(lists[0])
         if fn is torch.flatten:
@@ -403,11 +363,15 @@ class _Analysis:
             return self.view(x, [_arg(node, 1, "shape")], out_shape)
         if fn in ops.REDUCE_FUNCTIONS:
             return self.reduce(node, x, _arg(node, 1, "dim"), out_shape)
+        if fn in (torch.split, torch.chunk, torch.tensor_split):
+            return self.split(node, x, _arg(node, 2, "dim", 0), result, fn is torch.chunk)
+        if fn is torch.permute:
+            return self.permute(node, x, node.args[1:] or [node.kwargs.get("dims")])
         if fn is operator.getitem:
             return self.getitem(x, node.args[1], result, out_shape)
         if fn is getattr and node.args[1] in ops.SIZE_ATTRS:
             return None
-        raise _Unknown(f"no channel rule for function {getattr(fn, '__name__', fn)}")
+        raise Unknown(f"no channel rule for function {getattr(fn, '__name__', fn)}")
 
     def call_method(self, node: fx.Node, result: Any, out_shape: tuple | None) -> list[int] | None:
         method = str(node.target)
@@ -425,7 +389,11 @@ class _Analysis:
             return self.flatten(node, x, _arg(node, 1, "start_dim", 0), out_shape)
         if method in ops.REDUCE_METHODS:
             return self.reduce(node, x, _arg(node, 1, "dim"), out_shape)
-        raise _Unknown(f"no channel rule for method .{method}()")
+        if method == "permute":
+            return self.permute(node, x, node.args[1:] or [node.kwargs.get("dims")])
+        if method in ("split", "chunk", "tensor_split"):
+            return self.split(node, x, _arg(node, 2, "dim", 0), result, method == "chunk")
+        raise Unknown(f"no channel rule for method .{method}()")
 
     # results ----------------------------------------------------------------
     def finish(self, gm: fx.GraphModule, stats: dict[str, InputStats]) -> ChannelGraph:
@@ -477,16 +445,27 @@ class _Propagate(ShapeProp):
         self.stats: dict[str, InputStats] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if self.record_inputs and n.op == "call_module":
-            module = self.module.get_submodule(str(n.target))
-            if (_is_conv(module) or _is(module, nn.Linear)) and len(n.args) == 1:
-                x = self.env.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-                if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                    xd = x.detach().double()
-                    dims = [d for d in range(x.dim()) if d != 1]
-                    mean = xd.mean(dims, keepdim=True)
-                    dev = (xd - mean).abs().amax(dims)
-                    self.stats[n.name] = InputStats(mean.flatten(), dev)
+        if self.record_inputs and self._reads_weights(n) and isinstance(n.args[0], fx.Node):
+            x = self.env.get(n.args[0])
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                xd = x.detach().double()
+                channel = x.dim() - 1 if self._is_linear(n) else 1  # Linear reads the last dim
+                dims = [d for d in range(x.dim()) if d != channel]
+                mean = xd.mean(dims, keepdim=True)
+                dev = (xd - mean).abs().amax(dims)
+                self.stats[n.name] = InputStats(mean.flatten(), dev)
         result = super().run_node(n)
         self.analysis.visit(n, result)
         return result
+
+    def _is_linear(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(self.module.get_submodule(str(n.target)), nn.Linear)
+        return n.target is F.linear
+
+    def _reads_weights(self, n: fx.Node) -> bool:
+        """A conv/linear call (of the module, or F.conv2d / F.linear on its weights) with an input tensor."""
+        if n.op == "call_module":
+            module = self.module.get_submodule(str(n.target))
+            return (_is_conv(module) or _is(module, nn.Linear)) and len(n.args) == 1
+        return n.op == "call_function" and n.target in (F.conv2d, F.linear) and bool(n.args)

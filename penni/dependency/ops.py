@@ -15,14 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "PASSTHROUGH_MODULES", "CONST_BREAKING_MODULES", "PASSTHROUGH_FUNCTIONS", "CONST_BREAKING_FUNCTIONS",
+    "ACTIVATIONS", "PASSTHROUGH_MODULES", "CONST_BREAKING_MODULES", "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS", "PASSTHROUGH_FUNCTIONS", "CONST_BREAKING_FUNCTIONS",
     "PASSTHROUGH_METHODS", "BINARY_FUNCTIONS", "BINARY_METHODS", "REDUCE_FUNCTIONS", "REDUCE_METHODS", "SIZE_METHODS",
     "SIZE_ATTRS", "is_stochastic_depth",
 ]
 
-PASSTHROUGH_MODULES: tuple[type, ...] = (
+ACTIVATIONS: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+)
+PASSTHROUGH_MODULES: tuple[type, ...] = ACTIVATIONS + (
+    nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -39,6 +42,13 @@ PASSTHROUGH_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
 }
+#: elementwise on one tensor: channel-wise whichever dim holds the channels (channels-last tensors too)
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.dropout, torch.abs,
+    torch.neg, torch.exp,
+}
+ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "abs", "neg", "exp", "contiguous", "clone", "detach"}
 CONST_BREAKING_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 PASSTHROUGH_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",

@@ -5,17 +5,49 @@ A model file registers its own modules here (e.g. penni/models/resnet.py's Chann
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import fx, nn
 
 from ..conv import PenniConv2d
 from ..slicing import SLICE_OUT, register_slicer
 
+# ----------------------------------------------------------------------------- what a channel rule sees
+
+class RuleContext:
+    """What a channel rule sees for one call of its module, and how it answers.
+
+    ``inputs`` holds the atom list of every tensor argument (None when untracked),
+    ``input_shapes`` their shapes and ``output_shape`` the shape of the result. The rule
+    returns the atom list of its output (one atom per output channel), built from input atoms
+    and from :meth:`fresh` channels, or None to say "unknown" (the channels are then frozen).
+    """
+
+    def __init__(self, analysis: Any, name: str, module: nn.Module, inputs: list,
+                 input_shapes: list, output_shape: tuple | None) -> None:
+        self._analysis = analysis
+        self.name = name
+        self.module = module
+        self.inputs = inputs
+        self.input_shapes = input_shapes
+        self.output_shape = output_shape
+        self._used = 0
+
+    def fresh(self, n: int, zero: bool = False) -> list[int]:
+        """``n`` channels this module creates itself (its own output slots, numbered in the order
+        of the calls to ``fresh``; removing some calls ``slicing.slice_out(module, kept_slots)``).
+        ``zero=True`` declares them exactly zero for every input (shrink may then drop them)."""
+        return self._analysis.own_atoms(self, n, "zero" if zero else "opaque")
+
+    def freeze(self, atoms: Sequence[int], reason: str) -> None:
+        """Keep these channels whatever their weights say."""
+        for a in atoms:
+            self._analysis.freeze(a, f"{self.name}: {reason}")
+
+
 # ----------------------------------------------------------------------------- rule registry
 
-#: ``rule(module, ctx) -> atoms``; ``ctx`` is a :class:`penni.dependency.RuleContext` (defined by the analysis,
-#: which calls the rules: this module does not import it).
+#: ``rule(module, ctx) -> atoms``; ``ctx`` is a :class:`RuleContext` (the analysis makes one per call).
 ChannelRule = Callable[[nn.Module, Any], "list[int] | None"]
 CHANNEL_RULES: dict[type, ChannelRule] = {}
 

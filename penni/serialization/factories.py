@@ -12,12 +12,15 @@ and nowhere else. Nothing named in a file is ever imported. The registry holds:
   (the file holds the weights; ``load`` never downloads).
 
 ``build_within_budget`` calls a factory while refusing any tensor allocation beyond a byte
-budget, for constructors that cannot be built on the meta device first.
+budget, for constructors that cannot be built on the meta device first. :class:`ConstructionBudget`
+bounds what any build may register (modules, tensors) and how long it may take, checked at every
+registration, so a recipe asking for 200,000 tiny blocks stops within seconds.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -27,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..recipe import FACTORY_NAME
 
 __all__ = ["register_factory", "get_factory", "registered_factories", "UnknownFactoryError", "without_downloads",
-           "TORCHVISION_PREFIX", "build_within_budget", "BuildBudgetExceeded"]
+           "TORCHVISION_PREFIX", "build_within_budget", "BuildBudgetExceeded", "ConstructionBudget"]
 
 Factory = Callable[..., nn.Module]
 TORCHVISION_PREFIX = "torchvision.models"
@@ -195,6 +198,45 @@ class _AllocationBudget(TorchDispatchMode):
                         and t.untyped_storage().data_ptr() not in inputs):
                     self._charge(t.untyped_storage().nbytes(), func)
         return out
+
+
+class ConstructionBudget:
+    """``with ConstructionBudget(modules, tensors, seconds):`` refuses (with :class:`BuildBudgetExceeded`) a build
+    that registers more submodules or parameters and buffers than given, or runs longer than ``seconds``.
+
+    Counted through torch's global registration hooks, so the check runs while the constructor builds, on meta or
+    for real, and stops it at the first registration over a bound. (A build in another thread meanwhile counts too.)
+    """
+
+    def __init__(self, modules: int, tensors: int, seconds: float) -> None:
+        self.limits = {"submodules": modules, "parameters and buffers": tensors}
+        self.counts = dict.fromkeys(self.limits, 0)
+        self.seconds = seconds
+        self._handles: list[Any] = []
+
+    def _count(self, what: str) -> None:
+        self.counts[what] += 1
+        if self.counts[what] > self.limits[what]:
+            raise BuildBudgetExceeded(f"building the model registers more than {self.limits[what]:,} {what}, more "
+                                      "than its file's tensors can justify")
+        if time.monotonic() > self._deadline:
+            raise BuildBudgetExceeded(f"building the model took more than {self.seconds:g} s")
+
+    def __enter__(self) -> "ConstructionBudget":
+        from torch.nn.modules import module as registry
+
+        self._deadline = time.monotonic() + self.seconds
+        self._handles = [
+            registry.register_module_module_registration_hook(lambda *_: self._count("submodules")),
+            registry.register_module_parameter_registration_hook(lambda *_: self._count("parameters and buffers")),
+            registry.register_module_buffer_registration_hook(lambda *_: self._count("parameters and buffers")),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def build_within_budget(fn: Factory, kwargs: Mapping[str, Any], budget: int) -> nn.Module:

@@ -6,6 +6,7 @@ any memory is allocated.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Callable, Mapping
 
@@ -17,11 +18,14 @@ from ..decomposition import decompose, is_decomposable
 from ..recipe import RECIPE_ATTR, Recipe, check_constructor, get_recipe
 from ..slicing import add_bias, slice_in, slice_out, slice_penni_basis
 from ..unwrap import unwrap_model
-from .factories import UnknownFactoryError, build_within_budget, get_factory
+from .factories import BuildBudgetExceeded, ConstructionBudget, UnknownFactoryError, build_within_budget, get_factory
 from .tensors import PenniFormatError, check_fit, split_masks
 
 MIN_BUILD_BYTES = 2 * 2**30        # tensors a recipe may build before slicing, at least ...
 BUILD_RATIO = 64                   # ... or this many times the bytes of the file's tensors
+MIN_BUILD_REGISTRATIONS = 20_000   # submodules, and parameters + buffers, a build may register, at least ...
+REGISTRATIONS_PER_TENSOR = 16      # ... or this many per tensor of the file (a model has about 1-3)
+BUILD_SECONDS = 60.0               # wall clock of one build (constructor and edits), on meta or for real
 
 
 def _normalize_constructor(constructor: Any) -> dict[str, Any]:
@@ -96,10 +100,18 @@ def _build_budget(state: Mapping[str, torch.Tensor]) -> int:
     return max(MIN_BUILD_BYTES, BUILD_RATIO * _tensor_bytes(state))
 
 
-def _call_factory(fn: Callable, kwargs: Mapping[str, Any], name: str, budget: int | None) -> nn.Module:
-    """``fn(**kwargs)`` (within ``budget`` bytes when given); anything it raises is a PenniFormatError."""
+def _construction_budget(state: Mapping[str, torch.Tensor]) -> ConstructionBudget:
+    """What a build for these tensors may register and how long it may take (generous, bounded by the file)."""
+    bound = max(MIN_BUILD_REGISTRATIONS, REGISTRATIONS_PER_TENSOR * len(state))
+    return ConstructionBudget(modules=bound, tensors=bound, seconds=BUILD_SECONDS)
+
+
+def _call_factory(fn: Callable, kwargs: Mapping[str, Any], name: str, budget: int | None,
+                  limits: ConstructionBudget | None = None) -> nn.Module:
+    """``fn(**kwargs)`` (within ``budget`` bytes and ``limits`` when given); anything it raises is a PenniFormatError."""
     try:
-        model = build_within_budget(fn, kwargs, budget) if budget is not None else fn(**kwargs)
+        with limits or contextlib.nullcontext():
+            model = build_within_budget(fn, kwargs, budget) if budget is not None else fn(**kwargs)
     except Exception as err:
         raise PenniFormatError(f"the constructor {name} refused the recipe's arguments: "
                                f"{type(err).__name__}: {str(err)[:300]}") from err
@@ -209,11 +221,13 @@ def _replay_edits(model: nn.Module, recipe: Recipe, budget: int) -> nn.Module:
     return model
 
 
-def _build_on_meta(fn: Callable, kwargs: Mapping[str, Any]) -> nn.Module | None:
-    """``fn(**kwargs)`` on the meta device (shapes only, no memory); None if it cannot run there."""
+def _build_on_meta(fn: Callable, kwargs: Mapping[str, Any], name: str, limits: ConstructionBudget) -> nn.Module | None:
+    """``fn(**kwargs)`` on the meta device (shapes only, no memory), within ``limits``; None if it cannot run there."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), limits:
             model = fn(**kwargs)
+    except BuildBudgetExceeded as err:
+        raise PenniFormatError(f"the constructor {name} with the recipe's arguments: {err}") from None
     except Exception:  # noqa: BLE001 - data-dependent constructors (e.g. torchvision's RegNets), or bad arguments
         return None
     if not isinstance(model, nn.Module):
@@ -238,7 +252,7 @@ def build_checked(recipe: Recipe, factories: Mapping[str, Callable] | None,
     name, kwargs = recipe.constructor["factory"], recipe.constructor["kwargs"]
     fn = _resolve_factory(name, factories)
     budget = _build_budget(state)
-    meta = _build_on_meta(fn, kwargs)
+    meta = _build_on_meta(fn, kwargs, name, _construction_budget(state))
     if meta is not None:
         if _tensor_bytes(meta) > budget:
             raise PenniFormatError(f"the constructor {name} with the recipe's arguments builds "
@@ -247,7 +261,7 @@ def build_checked(recipe: Recipe, factories: Mapping[str, Callable] | None,
         check_fit(_replay_edits(meta, recipe, budget), state, what)
         if not for_real:
             return meta
-    model = _replay_edits(_call_factory(fn, kwargs, name, budget), recipe, budget)
+    model = _replay_edits(_call_factory(fn, kwargs, name, budget, _construction_budget(state)), recipe, budget)
     if meta is None:
         check_fit(model, state, what)
     return model

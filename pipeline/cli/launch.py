@@ -3,6 +3,7 @@ quiet Ray start, the run's storage and lock, the MLflow tracking URI, and a fail
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import logging
@@ -21,6 +22,37 @@ _QUIET_LOGGERS = ("mlflow", "alembic")               # INFO lines on every start
 
 class LaunchError(RuntimeError):
     """The run cannot start (storage, lock): one line saying what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Kubernetes, Slurm and systemd send), raised like Ctrl-C so that the same clean-up runs."""
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """From now on SIGTERM interrupts the main thread as SIGINT does: checkpoints are never published half-written,
+    MLflow runs end as KILLED and the lock is released. Ray's own handler (installed by ``ray.init``) exits
+    mid-call instead, which aborted the driver."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_SIGTERM_RECEIVED: list[bool] = []  # set by the handler: code that re-raises a plain KeyboardInterrupt loses the type
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one request is enough: let the clean-up finish
+    _SIGTERM_RECEIVED.append(True)
+    raise Terminated()
+
+
+def interrupted_exit_code(err: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 143 for SIGTERM, 130 for Ctrl-C (SIGINT)."""
+    return 143 if isinstance(err, Terminated) or _SIGTERM_RECEIVED else 130
 
 
 # ------------------------------------------------------------------ checks before anything starts
@@ -135,6 +167,7 @@ def start_ray(cfg, *, verbose: bool = False) -> None:
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR,
              **({"include_dashboard": None} if address == "local" else {}))
+    stop_cleanly_on_sigterm()  # after ray.init, which installs its own handler
 
 
 def quiet_output(verbose: bool) -> None:
@@ -198,15 +231,19 @@ def log_summary(tracker, store) -> None:
 # ------------------------------------------------------------------ failures
 
 
-def failure_line(err: BaseException) -> str:
-    """One line naming what went wrong: data, storage and tracking problems by their area, other
-    errors by their type; unwraps what Ray wrapped (task causes, Ray Train worker failures)."""
+def failure_line(err: BaseException, where: str | None = None) -> str:
+    """One line naming what went wrong: data, storage (a full disk at ``where``, the run's storage) and tracking
+    problems by their area, other errors by their type; unwraps what Ray wrapped (task causes, Ray Train worker
+    failures)."""
     from ..errors import find_data_error, innermost
     from ..storage.run_store import StorageError
 
     data_err = find_data_error(err)
     if data_err is not None:
         return f"data: {_first_line(data_err)}"
+    full = disk_full_line(err, where)
+    if full is not None:
+        return full
     inner = innermost(err)
     try:
         from ..tracking.uri import TrackingError
@@ -217,6 +254,28 @@ def failure_line(err: BaseException) -> str:
     if isinstance(inner, TrackingError) or type(inner).__module__.startswith(("mlflow", "sqlalchemy")):
         return f"tracking: {type(inner).__name__}: {_first_line(inner)}"
     return f"{type(inner).__name__}: {_first_line(inner)}"
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded", "file too large")
+
+
+def disk_full_line(err: BaseException, where: str | None = None) -> str | None:
+    """``storage: no space left on device at <path>`` when a full disk is behind ``err`` (an OSError, or SQLite's
+    "database or disk is full" inside MLflow's SQLAlchemy errors); None otherwise."""
+    from ..errors import causes
+
+    for e in causes(err):
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            path = e.filename or where
+            return f"storage: no space left on device{f' at {path}' if path else ''} ({e.strerror or e}); " \
+                   "free space, then re-run the same command to resume"
+        text = str(e).lower()
+        if any(t in text for t in _FULL_TEXTS):
+            at = f" at {where}" if where else (" in the MLflow database" if "database" in text else "")
+            return f"storage: no space left on device{at} ({_first_line(e)[:160]}); " \
+                   "free space, then re-run the same command to resume"
+    return None
 
 
 def _first_line(err: BaseException) -> str:
@@ -233,7 +292,7 @@ def report_failure(err: BaseException, store, *, debug: bool) -> None:
         print(text, file=sys.stderr, end="")
     log_path = _write_traceback(text, store)
     where = f"traceback in {log_path}" if log_path else "re-run with --debug for the traceback"
-    print(f"error: {failure_line(err)}", file=sys.stderr)
+    print(f"error: {failure_line(err, str(store.root) if store is not None else None)}", file=sys.stderr)
     print(f"  ({where}; completed stages are kept: fix the cause and re-run the same command to resume)",
           file=sys.stderr, flush=True)
 

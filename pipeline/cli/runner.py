@@ -12,11 +12,13 @@ from ..config.loading import ConfigError, available_configs, dump_yaml, load_con
 from ..stages.table import STAGES
 from .launch import (
     LaunchError,
+    interrupted_exit_code,
     log_summary,
     preflight,
     quiet_output,
     report_failure,
     start_ray,
+    stop_cleanly_on_sigterm,
     tracking_uri,
     use_ray,
 )
@@ -78,12 +80,15 @@ def main(argv: Sequence[str]) -> int:
         return 2
     from .launch import locked_store
 
+    stop_cleanly_on_sigterm()
     try:
         with locked_store(cfg) as store:
             return _run(cfg, args, store)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # before the run started: nothing to resume yet
+        return interrupted_exit_code(err)
 
 
 def _run(cfg, args: argparse.Namespace, store) -> int:
@@ -105,9 +110,9 @@ def _run(cfg, args: argparse.Namespace, store) -> int:
             if tracker is not None:
                 log_summary(tracker, store)
                 _log_model(tracker, store, cfg, args.register_model)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(err)
     except Exception as err:  # noqa: BLE001 - report and exit non-zero
         report_failure(err, store, debug=args.debug)
         return 1

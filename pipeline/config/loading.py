@@ -95,8 +95,74 @@ _Loader.add_implicit_resolver(_FLOAT_TAG, re.compile(
         |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
+#: How many values YAML aliases may add when expanded. A config has a few hundred values; nested anchors
+#: ("billion laughs") multiply with every level, so a 600-byte file could stand for billions of them.
+ALIAS_EXPANSION_BUDGET = 10_000
+
+
+class AliasBudgetError(yaml.YAMLError):
+    """The document's aliases expand beyond :data:`ALIAS_EXPANSION_BUDGET` values; ``key`` holds the expansion."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key or '<top level>'}: {detail}")
+        self.key, self.detail = key, detail
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+    """Parse one YAML document; refuse it before construction when its aliases expand too far."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_alias_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_sizes(root: yaml.Node) -> dict[int, int]:
+    """Values under each node once every alias is written out, memoized per node (linear in the distinct nodes)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_alias_expansion(root: yaml.Node) -> None:
+    """Raise :class:`AliasBudgetError` naming the key whose aliases expand beyond the budget."""
+    sizes = _expanded_sizes(root)
+    distinct = len(sizes)
+    if sizes[id(root)] - distinct <= ALIAS_EXPANSION_BUDGET:
+        return
+    path, node = [], root
+    while True:  # follow the largest child down to the key that holds the expansion
+        labelled = (list((k.value if isinstance(k, yaml.ScalarNode) else "?", v) for k, v in node.value)
+                    if isinstance(node, yaml.MappingNode) else
+                    [(f"[{i}]", v) for i, v in enumerate(node.value)] if isinstance(node, yaml.SequenceNode) else [])
+        big = [(label, v) for label, v in labelled if sizes.get(id(v), 1) > ALIAS_EXPANSION_BUDGET]
+        if len(big) != 1 or len(path) >= 8:
+            break
+        path.append(big[0][0])
+        node = big[0][1]
+    raise AliasBudgetError(".".join(path).replace(".[", "["),
+                           f"YAML anchors and aliases expand to {sizes[id(node)]:,} values, more than "
+                           f"{ALIAS_EXPANSION_BUDGET:,} (nested anchors multiply); write the values out instead")
 
 
 # --------------------------------------------------------------------------------------
@@ -207,6 +273,9 @@ def _parse_override(override: Any, errors: list[str]) -> tuple[list[str], Any, b
         return None
     try:
         return path, (_yaml_load(text) if text else None), into_dict
+    except AliasBudgetError as exc:
+        errors.append(f"{'.'.join(filter(None, [key, exc.key])).replace('.[', '[')}: {exc.detail}")
+        return None
     except yaml.YAMLError as exc:
         errors.append(f"{key}: cannot parse override value {text!r} as YAML ({' '.join(str(exc).split())}). "
                       "Quote strings with special characters.")
@@ -295,6 +364,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     file = resolve_config_path(path, base_dir)
     try:
         raw = _yaml_load(file.read_text(encoding="utf-8"))
+    except AliasBudgetError as exc:
+        raise ConfigError(str(exc), source=str(file)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse YAML: {exc}. Fix the syntax at the position shown.",
                           source=str(file)) from None

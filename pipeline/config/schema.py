@@ -18,6 +18,7 @@ from pydantic import (
     Tag,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -56,6 +57,7 @@ ChannelsLast = Annotated[
     Discriminator(_channels_last_kind, custom_error_type="auto_or_bool",
                   custom_error_message="Input should be 'auto', true or false"),
 ]
+AutoOrBool = ChannelsLast  # the same three values, "auto", true or false (data.hflip)
 
 
 class _Section(BaseModel):
@@ -133,7 +135,7 @@ class DataConfig(_Section):
     synthetic_size: PosInt = 1024
     loader: Literal["auto", "torch", "ray_data", "device"] = "auto"
     augment: Literal["auto", "imagenet", "small", "none"] = "auto"
-    hflip: bool = True
+    hflip: AutoOrBool = "auto"  # auto: mirror only datasets known to be flip-invariant (pipeline/data/transforms.py)
     normalize: Literal["auto", "imagenet", "dataset", "none"] = "auto"
     decode: Literal["cpu", "device"] = "cpu"  # ray_data: decode on CPU workers, or ship bytes and decode on the GPU
 
@@ -242,6 +244,12 @@ class PruneConfig(_Section):
     target: Optional[Fraction] = None
     target_dense_macs_reduction: Optional[Fraction] = 0.7
     include_pointwise: bool = False
+    # A measured speed-up instead of the dense-MAC target (> 1; it replaces target_dense_macs_reduction): channels
+    # go by importance per latency saved until the shrunk model runs that much faster in latency_runtime at every
+    # one of latency_batch_sizes, timed where the stage runs (penni.prune_channels(cost="latency")).
+    target_speedup: Optional[PosFloat] = None
+    latency_runtime: Literal["torch", "onnxruntime"] = "torch"
+    latency_batch_sizes: list[PosInt] = Field(default_factory=lambda: [1, 64], min_length=1)
 
     @field_validator("rule", mode="before")
     @classmethod
@@ -266,6 +274,16 @@ class PruneConfig(_Section):
         # (pipeline/stages/fingerprints.py), so configs written before the list keep their fingerprints.
         return "+".join(rule)
 
+    @model_serializer(mode="wrap")
+    def _latency_keys_when_set(self, handler: Any) -> dict:
+        # The latency keys are dumped only when they differ from their defaults, so a run that does not use them
+        # keeps the prune fingerprint it had before they existed (fingerprints hash model_dump() of this section).
+        dumped = handler(self)
+        for key in ("target_speedup", "latency_runtime", "latency_batch_sizes"):
+            if dumped.get(key) == type(self).model_fields[key].get_default(call_default_factory=True):
+                dumped.pop(key)
+        return dumped
+
     @property
     def channels(self) -> bool:
         """Whether whole channel groups go first (``penni.prune_channels``)."""
@@ -281,7 +299,13 @@ class PruneConfig(_Section):
         if self.element_rule == "sparsity" and self.target is None:
             found.append(("target", f"required when {{at}}rule is {rule!r}; got null. "
                                     "Set a fraction in (0, 1), e.g. --set {at}target=0.9."))
-        if self.channels and self.target_dense_macs_reduction is None:
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            found.append(("target_speedup", f"must be a speed-up > 1 (2.0: twice as fast); got {self.target_speedup!r}. "
+                                            "Set null to prune to target_dense_macs_reduction instead."))
+        if self.target_speedup is not None and not self.channels:
+            found.append(("target_speedup", f"needs the channels rule (a speed-up comes from narrower layers); "
+                                            f"{{at}}rule is {rule!r}. Use e.g. --set {{at}}rule=channels+std."))
+        if self.channels and self.target_dense_macs_reduction is None and self.target_speedup is None:
             found.append(("target_dense_macs_reduction", f"required when {{at}}rule is {rule!r}; got null. "
                           "Set the fraction of dense MACs to remove, e.g. --set {at}target_dense_macs_reduction=0.6."))
         return found
@@ -295,6 +319,25 @@ class FinetuneConfig(TrainConfig):
     distill: bool = False
     distill_temperature: PosFloat = 4.0
     distill_weight: UnitFraction = 0.5  # weight of the KL term; the label loss gets 1 - distill_weight
+
+
+class CompressConfig(_Section):
+    """An accuracy budget: progressive channel pruning, each step fine-tuned shortly, the last step within
+    ``max_top1_drop`` kept (pipeline/stages/compress.py); null: the prune stage's one-shot pruning, as before."""
+
+    max_top1_drop: Optional[NonNegFloat] = None  # points of validation top-1 the model may lose against the baseline
+    # cumulative dense-MAC reductions of the retrained model's cost, one per step; capped at
+    # prune.target_dense_macs_reduction (which becomes the last step) when that is set
+    steps: list[Fraction] = Field(default_factory=lambda: [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], min_length=1)
+    step_epochs: PosInt = 2  # fine-tuning per step (the finetune section's optimizer and distillation)
+    step_lr: PosFloat = 0.005  # its learning rate: lower than finetune.lr, a short run must not undo the step
+
+    def problems(self) -> list[tuple[str, str]]:
+        steps = list(self.steps)
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            return [("steps", f"must be strictly ascending cumulative dense-MAC reductions; got {steps!r}. "
+                              "Sort them, e.g. [0.3, 0.5, 0.7].")]
+        return []
 
 
 class ShrinkConfig(_Section):
@@ -353,6 +396,7 @@ class PipelineConfig(_Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     shrink: ShrinkConfig = Field(default_factory=ShrinkConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)

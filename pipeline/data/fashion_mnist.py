@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .splits import DataSplits, split_indices
+from .transforms import resolve_hflip
 
 if TYPE_CHECKING:
     from ..config.schema import DataConfig
@@ -219,7 +220,7 @@ def build_fashion(data_cfg: "DataConfig", seed: int) -> DataSplits:
     size = int(data_cfg.image_size)
     tr, va, te = split_indices(data_cfg, seed, t["train_labels"].numpy(), t["test_labels"].numpy())
     augment = data_cfg.augment != "none"
-    hflip = data_cfg.hflip
+    hflip = resolve_hflip(data_cfg)[0]
     mean, std = _fashion_normalization(data_cfg.normalize)
 
     def split(images: str, indices: np.ndarray, train: bool, source: str) -> FashionMNISTSplit:

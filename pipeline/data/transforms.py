@@ -3,8 +3,10 @@
 ``data.augment``: ``small`` (pad-and-random-crop + flip, the CIFAR recipe) for images up to
 ``SMALL_IMAGE_MAX`` pixels on their longer side, ``imagenet`` (RandomResizedCrop with its default scale
 0.08-1 + flip) for larger ones; ``auto`` picks by the median stored size of a sample of training images,
-``none`` trains on the evaluation view. ``data.hflip`` turns mirroring off for data where it changes the
-class. ``data.normalize``: ``imagenet`` statistics, ``dataset`` statistics (per-channel mean / std of a
+``none`` trains on the evaluation view. ``data.hflip`` (``auto``, true, false) decides mirroring: ``auto``
+mirrors only datasets known to be flip-invariant (``FLIP_INVARIANT_DATASETS``: Fashion-MNIST), never a
+user's own images, where a mirror can change the class (digits, text, left/right signs); ``resolve_hflip``
+says what it became and why, ``augmentation_note`` is the console's one line about it. ``data.normalize``: ``imagenet`` statistics, ``dataset`` statistics (per-channel mean / std of a
 fixed sample of the training split), or ``none``; ``auto`` means ``imagenet`` for the ImageNet recipe
 (photographs, and what pretrained torchvision weights expect) and ``dataset`` otherwise.
 
@@ -27,14 +29,49 @@ from ..errors import DataError
 if TYPE_CHECKING:
     from ..config.schema import DataConfig
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "TransformPolicy", "choose_policy",
-           "geometry", "imagenet_transforms", "normalize_uint8", "policy_transforms", "stored_image_size"]
+__all__ = ["FLIP_INVARIANT_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "SMALL_IMAGE_MAX", "TransformPolicy",
+           "augmentation_note", "choose_policy", "geometry", "imagenet_transforms", "normalize_uint8",
+           "policy_transforms", "resolve_hflip", "stored_image_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE_MAX = 64  # longer side, in pixels, up to which ``auto`` picks the small-image recipe
 SIZE_SAMPLE = 32  # training images whose headers decide the stored size
 STATS_SAMPLE = 512  # training images the dataset statistics are computed from
+#: ``data.dataset`` values whose images keep their class when mirrored left-right (``data.hflip: auto`` flips only these)
+FLIP_INVARIANT_DATASETS = ("fashion_mnist",)
+
+
+def resolve_hflip(data_cfg: "DataConfig") -> tuple[bool, str]:
+    """``data.hflip`` resolved: (mirror training images?, why). ``auto`` mirrors only the datasets of
+    ``FLIP_INVARIANT_DATASETS``; true / false (older configs) are taken as set."""
+    value, name = data_cfg.hflip, data_cfg.dataset
+    if value != "auto":
+        return bool(value), f"set by data.hflip={str(bool(value)).lower()}"
+    if name in FLIP_INVARIANT_DATASETS:
+        return True, f"{name} is known to be flip-invariant (data.hflip=auto)"
+    return False, (f"{name} images are not known to be flip-invariant, a mirror can change the class "
+                   "(data.hflip=auto; set data.hflip=true to mirror)")
+
+
+def augmentation_note(data_cfg: "DataConfig", policy: "TransformPolicy | None" = None) -> str:
+    """The one console line naming the training augmentation and why it was chosen (``policy``: the
+    resolved policy of an image dataset; Fashion-MNIST and synthetic data have none)."""
+    if data_cfg.dataset == "synthetic":
+        return "augmentation: none (synthetic data)"
+    augment = policy.augment if policy is not None else ("none" if data_cfg.augment == "none" else "small")
+    if augment == "none":
+        return "augmentation: none (data.augment=none)"
+    if data_cfg.dataset == "fashion_mnist":
+        recipe = "pad-and-crop, 2 px"
+    elif augment == "imagenet":
+        recipe = "ImageNet recipe, RandomResizedCrop"
+    else:
+        recipe = f"small-image recipe, pad {max(1, int(data_cfg.image_size) // 8)} px + random crop"
+    if data_cfg.augment == "auto" and policy is not None:
+        recipe += f", data.augment=auto by stored image size ({SMALL_IMAGE_MAX} px or less: small)"
+    flips, why = resolve_hflip(data_cfg)
+    return f"augmentation: {recipe}; horizontal flips {'on' if flips else 'off'}: {why}"
 
 
 @dataclass(frozen=True)
@@ -180,5 +217,5 @@ def choose_policy(data_cfg: "DataConfig", base: Any, train_indices: np.ndarray, 
         mean, std = dataset_statistics(base, train_indices, data_cfg.image_size, key)
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return TransformPolicy(augment, bool(data_cfg.hflip), tuple(mean), tuple(std),
+    return TransformPolicy(augment, resolve_hflip(data_cfg)[0], tuple(mean), tuple(std),
                            int(data_cfg.image_size), normalize)

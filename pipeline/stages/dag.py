@@ -25,7 +25,8 @@ from ..storage.run_store import RunStore
 from ..training.distributed import TrainJob, run_training, training_run_name
 from .fingerprints import stage_fingerprints
 from .functions import StageContext
-from .table import STAGE_INPUTS, STAGES, TRAINING_STAGES, stage_function
+from .table import STAGE_READS, STAGES, stage_function
+from .table import stage as stage_entry
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: 
     store = RunStore(storage, run_name)
     with tempfile.TemporaryDirectory(prefix=f"penni-{stage}-") as tmp:
         tmp = Path(tmp)
-        inputs = {s: store.fetch_stage(s, tmp / "inputs" / s) for s in STAGE_INPUTS[stage]}
+        inputs = {s: store.fetch_stage(s, tmp / "inputs" / s) for s in STAGE_READS[stage]}
         out_dir = tmp / "out"
         out_dir.mkdir()
         scratch = store.local_path("_work") if store.is_local else tmp / "work"
@@ -58,7 +59,7 @@ def _execute_stage(cfg_dict: dict, stage: str, stage_fingerprint: str, storage: 
                 callbacks=list(train_callbacks))
 
         ctx = StageContext(cfg=cfg, stage=stage, inputs=inputs, out_dir=out_dir, train=train,
-                           tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
+                           tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, work_dir=scratch)
         metrics = stage_function(stage)(ctx)
         return store.commit_stage(stage, out_dir, stage_fingerprint, metrics)
 
@@ -132,7 +133,7 @@ class Pipeline:
                    else contextlib.nullcontext())
         with context as run:
             tracking = (self.tracker.tracking_uri, run.run_id) if run is not None else (None, None)
-            if self.use_ray and self.stage_tasks and stage not in TRAINING_STAGES:
+            if self.use_ray and self.stage_tasks and not stage_entry(stage).trains_for(self.cfg):
                 manifest = _remote_stage(self.cfg).remote(*args, *tracking)
                 import ray
 

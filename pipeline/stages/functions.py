@@ -32,6 +32,7 @@ from ..storage.canonical import write_json
 from ..training import loop as T
 from ..training.checkpoints import BEST_FILE, HISTORY_FILE, MODEL_FILE
 from ..training.distributed import Distillation, StageTraining, TrainJob
+from .compress import precise_bn, progressive_prune
 
 
 @dataclass
@@ -46,6 +47,7 @@ class StageContext:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     log: Callable[[str], None] = field(default=console.report_line)
+    work_dir: Path | None = None  # this run's scratch folder: durable where the storage is local (step checkpoints)
 
     def input_model(self, stage: str) -> Path:
         return self.inputs[stage] / MODEL_FILE
@@ -148,33 +150,57 @@ def run_retrain(ctx: StageContext) -> dict:
 
 
 def run_prune(ctx: StageContext) -> dict:
-    """Zero whole channels (to a dense-MAC target) and/or small coefficients (masks held from here on)."""
+    """Zero whole channels (to a dense-MAC target; with ``compress.max_top1_drop``, in fine-tuned steps within that
+    budget: ``pipeline/stages/compress.py``) and/or small coefficients (masks held from here on); BatchNorm
+    re-estimated for the new channels."""
     from penni.pruning import layer_sparsity
 
     pcfg = ctx.cfg.prune
     model = load(ctx.input_model("retrain"))
     metrics = {}
-    if pcfg.channels:  # prune.rule: [channels], [channels, std] or [channels, sparsity] (parsed by the schema)
+    if ctx.cfg.compress.max_top1_drop is not None:  # an accuracy budget: channels in fine-tuned steps (compress.py)
+        training = finetune_training(ctx.cfg.finetune, ctx.input_model("baseline"))
+        model, metrics = progressive_prune(ctx, model, build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), training)
+    elif pcfg.channels:  # prune.rule: [channels], [channels, std] or [channels, sparsity] (parsed by the schema)
         x = example_batch(build_datasets(ctx.cfg.data, seed=ctx.cfg.seed), batch_size=8)
-        report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
+        if pcfg.target_speedup is not None:  # a measured speed-up: the latency table cached in the run's _work
+            report = penni.prune_channels(model, penni.speedup_target(pcfg.target_speedup), x, cost="latency",
+                                          latency=_latency_settings(ctx))
+        else:
+            report = penni.prune_channels(model, pcfg.target_dense_macs_reduction, x, cost="dense_macs")
         console.report_line(report.summary().splitlines()[0])  # per-layer widths: channels.json
         write_json(ctx.out_dir / "channels.json", {name: list(w) for name, w in report.widths.items()})
-        metrics = {"predicted_dense_macs_reduction": report.reduction, "channel_groups_removed": report.groups_removed}
+        reduction = "measured_latency_reduction" if report.latency else "predicted_dense_macs_reduction"
+        metrics = {reduction: report.reduction, "channel_groups_removed": report.groups_removed}
+        metrics.update({f"prune_speedup_bs{b}": v for b, v in report.latency.get("speedup", {}).items()})
     if pcfg.element_rule is not None:
         penni.prune(model, rule=pcfg.element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
     per_layer = layer_sparsity(model, pcfg.include_pointwise)
-    save(model, ctx.out_dir / MODEL_FILE)
+    splits = build_datasets(ctx.cfg.data, seed=ctx.cfg.seed)
+    metrics["val_top1_stale_bn"] = _val_accuracy(model, ctx.cfg, splits)  # before BatchNorm follows the new channels
+    precise_bn(model, ctx.cfg, splits)
+    save(model.cpu(), ctx.out_dir / MODEL_FILE)
     write_json(ctx.out_dir / "sparsity.json", per_layer)
     return {**metrics, "sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
-            "val_top1": _val_accuracy(model, ctx.cfg)}
+            "val_top1": _val_accuracy(model, ctx.cfg, splits)}
+
+
+def _latency_settings(ctx: StageContext) -> penni.LatencySettings:
+    """``prune.latency_*`` as penni's latency settings, timed on this stage's device, cached in the run's scratch."""
+    pcfg, device = ctx.cfg.prune, _device(ctx.cfg)
+    return penni.LatencySettings(runtime=pcfg.latency_runtime, batch_sizes=tuple(pcfg.latency_batch_sizes),
+                                 device="cpu" if pcfg.latency_runtime == "onnxruntime" else str(device),
+                                 cache_dir=None if ctx.work_dir is None else ctx.work_dir / "latency_tables")
 
 
 def finetune_training(fcfg: Any, teacher_model: Path) -> StageTraining:
-    """Fine-tuning's additions to the loop: a distillation teacher where ``finetune.distill`` is set (the
-    masks need nothing here: they are parametrizations saved with the model)."""
+    """Fine-tuning's additions to the loop: BatchNorm re-estimated before the first epoch (pruning just changed
+    the channels), a distillation teacher where ``finetune.distill`` is set (the masks need nothing here: they
+    are parametrizations saved with the model)."""
     if not fcfg.distill:
-        return StageTraining()
-    return StageTraining(distillation=Distillation(str(teacher_model), fcfg.distill_temperature, fcfg.distill_weight))
+        return StageTraining(recalibrate_bn_first=True)
+    return StageTraining(distillation=Distillation(str(teacher_model), fcfg.distill_temperature, fcfg.distill_weight),
+                         recalibrate_bn_first=True)
 
 
 def run_finetune(ctx: StageContext) -> dict:
@@ -198,14 +224,28 @@ def run_shrink(ctx: StageContext) -> dict:
         reference, got = model(x), small(x)
     max_error = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
     after = penni.profile(small, x)
-    save(small, ctx.out_dir / MODEL_FILE)
+    small, bn = _recalibrated_if_better(small, cfg, splits)
+    save(small.cpu(), ctx.out_dir / MODEL_FILE)
     (ctx.out_dir / "recipe.json").write_text(penni.recipe_json(small))  # also inside the safetensors metadata
     (ctx.out_dir / "structure.md").write_text(profile_compare(before, after))
     before.to_csv(ctx.out_dir / "structure_before.csv")
     after.to_csv(ctx.out_dir / "structure_after.csv")
     return {"max_relative_output_change": max_error, "params_before": before.params, "params_after": after.params,
             "dense_macs_before": before.dense_macs, "dense_macs_after": after.dense_macs,
-            "sparse_macs_after": after.sparse_macs}
+            "sparse_macs_after": after.sparse_macs, **bn}
+
+
+def _recalibrated_if_better(model: nn.Module, cfg: PipelineConfig, splits) -> tuple[nn.Module, dict]:
+    """After shrink (a structural change): BatchNorm re-estimated (``precise_bn``), kept unless it validates worse
+    than the statistics fine-tuning ended with (those were selected on validation, with their epoch)."""
+    import copy
+
+    kept = _val_accuracy(model, cfg, splits)
+    recalibrated = precise_bn(copy.deepcopy(model), cfg, splits)
+    fresh = _val_accuracy(recalibrated, cfg, splits)
+    chosen = recalibrated if fresh >= kept else model
+    return chosen.eval(), {"val_top1_finetune_bn": kept, "val_top1_recalibrated_bn": fresh,
+                           "bn_recalibrated": float(chosen is recalibrated)}
 
 
 def measure_latency(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
@@ -368,9 +408,29 @@ def run_report(ctx: StageContext) -> dict:
                                                        title="PENNI: baseline, retraining and fine-tuning",
                                                        metrics=["loss", "top1", "sparsity", "l1_penalty", "lr"]))
     evaluation = json.loads((ctx.inputs["evaluate"] / "evaluation.json").read_text())
-    (out / "summary.md").write_text(summary_markdown(evaluation["summary"], evaluation["models"]))
+    summary = summary_markdown(evaluation["summary"], evaluation["models"])
+    if (ctx.inputs["prune"] / "compress_steps.json").exists():  # an accuracy budget: its curve (compress.py)
+        shutil.copy2(ctx.inputs["prune"] / "compression_curve.png", out / "compression_curve.png")
+        pictures.append(out / "compression_curve.png")
+        summary += steps_markdown(json.loads((ctx.inputs["prune"] / "compress_steps.json").read_text()))
+    (out / "summary.md").write_text(summary)
     write_json(out / "evaluation.json", evaluation)
     return {"pictures": len(pictures)}
+
+
+def steps_markdown(steps: dict) -> str:
+    """The accuracy-budget steps (``compress_steps.json``) as a table, with the curve's picture."""
+    lines = [f"\n## Accuracy budget: -{steps['max_top1_drop']:g} pt of validation top-1 "
+             f"(baseline {100 * steps['baseline_val_top1']:.2f}%)\n", "![compression curve](compression_curve.png)\n",
+             "| step | dense MACs | sparse MACs | dense MACs removed | val top-1 % | vs baseline | |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in steps["steps"]:
+        mark = "chosen" if r["step"] == steps["chosen_step"] else ("over budget" if r["top1_drop_points"] >
+                                                                    steps["max_top1_drop"] else "")
+        lines.append(f"| {r['step'] + 1} | {r['dense_macs']:,} | {r['sparse_macs']:,} | "
+                     f"{100 * r['dense_macs_reduction']:.1f}% | {100 * r['val_top1']:.2f} | "
+                     f"{-r['top1_drop_points']:+.2f} pt | {mark} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(summary: dict, models: dict) -> str:

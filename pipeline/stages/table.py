@@ -36,6 +36,24 @@ class Stage:
     writes: tuple[str, ...]   # files it always commits (glob patterns)
     may_write: tuple[str, ...] = ()  # files it commits only in some configurations
     does: str = ""            # one line for the docs
+    reads_also: tuple[str, ...] = ()  # stages it also reads that are upstream of its inputs (their fingerprints
+    #                                   are inside its inputs' already, so they are fetched but not hashed again)
+    trains_when: str = ""     # a dotted config key: while its value is set, this stage trains too (on the driver,
+    #                           through ctx.train) and its fingerprint also hashes ``when_training``
+    when_training: tuple[str, ...] = ()
+
+    def trains_for(self, cfg) -> bool:
+        """Whether this stage trains in ``cfg``'s run (always, never, or while ``trains_when`` is set)."""
+        if self.trains or not self.trains_when:
+            return self.trains
+        value = cfg
+        for part in self.trains_when.split("."):
+            value = getattr(value, part)
+        return value is not None
+
+    def config_for(self, cfg) -> tuple[str, ...]:
+        """The config keys its fingerprint hashes in ``cfg``'s run."""
+        return self.config + (self.when_training if self.trains_for(cfg) else ())
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
@@ -49,8 +67,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
           ("model.safetensors", "history.json"), (),
           "L1 / group lasso on the coefficients, basis and coefficients in alternation; last epoch kept"),
     Stage("prune", ("retrain",), ("prune", "data.image_size"), run_prune, False,  # channel costs: MACs at this size
-          ("model.safetensors", "sparsity.json"), ("channels.json",),
-          "zero whole channels to a dense-MAC target and/or small coefficients; masks held from here on"),
+          ("model.safetensors", "sparsity.json"), ("channels.json", "compress_steps.json", "compression_curve.png"),
+          "zero whole channels to a dense-MAC target (or, with compress.max_top1_drop, in fine-tuned steps within "
+          "that budget) and/or small coefficients; masks held from here on",
+          reads_also=("baseline",), trains_when="compress.max_top1_drop",
+          when_training=("compress", "finetune", "data", "seed")),
     Stage("finetune", ("prune", "baseline"), ("finetune", "data", "seed"), run_finetune, True,
           ("model.safetensors", "history.json"), (),
           "recover accuracy with the masks held (optionally distilled from the baseline); best epoch kept"),
@@ -62,7 +83,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
           "test accuracy, parameters, MACs and latency of baseline and compressed model"),
     Stage("report", ("baseline", "decompose", "retrain", "prune", "finetune", "shrink", "evaluate"), (),
           run_report, False, ("structure.md", "summary.md", "evaluation.json"),
-          ("coefficients.png", "reconstructed_weights.png", "learning_curves.png"),
+          ("coefficients.png", "reconstructed_weights.png", "learning_curves.png", "compression_curve.png"),
           "pictures, learning curves and the summary table"),
 )
 
@@ -70,6 +91,8 @@ STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)
 #: Config values (dotted keys, sections or single fields) each stage's fingerprint hashes.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {s.name: s.config for s in STAGE_TABLE}
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {s.name: s.inputs for s in STAGE_TABLE}
+#: Every stage whose committed outputs a stage reads (its inputs, then ``reads_also``).
+STAGE_READS: dict[str, tuple[str, ...]] = {s.name: s.inputs + s.reads_also for s in STAGE_TABLE}
 TRAINING_STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE if s.trains)
 
 
@@ -91,8 +114,11 @@ def markdown_table() -> str:
     lines = ["| stage | reads | config | trains | writes | does |", "|---|---|---|---|---|---|"]
     for s in STAGE_TABLE:
         writes = ", ".join(s.writes) + (f" (sometimes {', '.join(s.may_write)})" if s.may_write else "")
-        lines.append(f"| {s.name} | {', '.join(s.inputs) or '-'} | {', '.join(s.config) or '-'} | "
-                     f"{'yes' if s.trains else 'no'} | {writes} | {s.does} |")
+        config = ", ".join(s.config) + (f" (while {s.trains_when} is set: {', '.join(s.when_training)})"
+                                        if s.when_training else "")
+        trains = "yes" if s.trains else (f"while {s.trains_when} is set" if s.trains_when else "no")
+        lines.append(f"| {s.name} | {', '.join(s.inputs + s.reads_also) or '-'} | {config or '-'} | "
+                     f"{trains} | {writes} | {s.does} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +128,7 @@ def _check_table() -> None:
     for s in STAGE_TABLE:
         if s.name in seen:
             raise ValueError(f"stage {s.name!r} is in the stage table twice")
-        late = [i for i in s.inputs if i not in seen]
+        late = [i for i in s.inputs + s.reads_also if i not in seen]
         if late:
             raise ValueError(f"stage {s.name!r} reads {', '.join(late)}, which must come before it in the table")
         seen.add(s.name)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -36,6 +37,7 @@ LOCK_NAME = ".lock"
 LEASE_S = 120.0            # lifetime of an object-store lease; renewed every LEASE_S / 4
 READ_BACK_S = 2.0          # object stores: how long to wait before reading our lease back
 POLL_S = 1.0               # how often a waiting acquire retries
+EMPTY_LOCK_GRACE_S = 10.0  # an empty or unreadable lock file older than this has no live writer
 
 
 class RunLockedError(RuntimeError):
@@ -145,12 +147,18 @@ class RunLock:
         return record
 
     def _message(self, holder: dict) -> str:
+        if not holder:
+            return (f"run '{self.run_name}' has an empty or unreadable lock file {self.path} (written "
+                    f"{self._age_s():.0f} s ago); it is taken over once it is {EMPTY_LOCK_GRACE_S:.0f} s old, or "
+                    f"delete it if no run of this name is running")
         return (f"run '{self.run_name}' is already running (pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')} since {holder.get('since', '?')}); wait for it to finish "
                 f"or use another --run-name (lock file: {self.path})")
 
     def _stale_reason(self, holder: dict) -> str | None:
         """Why the holder is gone, or None while it may be alive."""
+        if not holder and self._age_s() > EMPTY_LOCK_GRACE_S:  # a writer needs milliseconds: this one is gone
+            return f"the lock file was empty or unreadable for {self._age_s():.0f} s"
         if not self._local:
             expires = float(holder.get("expires_epoch") or 0)
             return f"its lease expired at {time.ctime(expires)}" if expires < time.time() else None
@@ -162,6 +170,16 @@ class RunLock:
         if _pid_reused(pid, float(holder.get("since_epoch") or 0)):
             return "that pid now belongs to a newer process"
         return None
+
+    def _age_s(self) -> float:
+        """Seconds since the lock file was last written (0 where that cannot be read)."""
+        try:
+            if self._local:
+                return max(0.0, time.time() - os.stat(self.path).st_mtime)
+            info = self.store.fs.get_file_info(self.path)
+            return max(0.0, time.time() - info.mtime.timestamp()) if info.mtime else 0.0
+        except (OSError, AttributeError):
+            return 0.0
 
     def _read(self) -> dict | None:
         """The lock's JSON; None when there is no lock; {} when it is unreadable or half-written."""
@@ -197,16 +215,47 @@ class RunLock:
     # ---------------------------------------------------------------- local disk
 
     def _create_local(self) -> bool:
-        """Create the lock file atomically; False if it exists."""
+        """Create the lock file atomically with its content; False if it exists.
+
+        The record goes to a temporary file first, which is then hard-linked to the lock's name (``link``
+        fails if that exists), so a lock file never exists without its holder's identity, even when the
+        disk fills up mid-write. Where the filesystem has no hard links, ``O_EXCL`` creation is the fallback.
+        """
         record = self._record()
+        tmp = f"{self.path}.{record['token']}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json_bytes(record))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV) or not os.path.exists(tmp):
+                raise
+            return self._create_local_exclusive(record)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._token = record["token"]
+        return True
+
+    def _create_local_exclusive(self, record: dict) -> bool:
+        """``O_CREAT | O_EXCL`` creation (filesystems without hard links); a failed write removes the file."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(json_bytes(record))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json_bytes(record))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise
         self._token = record["token"]
         return True
 
@@ -215,12 +264,16 @@ class RunLock:
 
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            if self._create_local():
-                return
         except OSError as e:
             raise StorageError(f"storage {self.store.storage!r}: cannot create the run directory "
                                f"{os.path.dirname(self.path)} ({e.strerror or e}); pass a writable "
                                f"directory with --storage") from None
+        try:
+            if self._create_local():
+                return
+        except OSError as e:
+            raise StorageError(f"storage {self.store.storage!r}: cannot write the lock file {self.path} "
+                               f"({e.strerror or e}); free space or pass another --storage, then re-run") from None
         holder = self._read()
         if holder is None and self._create_local():  # released in between
             return

@@ -5,6 +5,7 @@ import sys
 import time
 from typing import Sequence
 
+from ..cli.launch import interrupted_exit_code, stop_cleanly_on_sigterm
 from ..config.loading import ConfigError
 from .plan import SweepPlan, build_plan, parse_args
 from .space import SweepUsageError
@@ -25,11 +26,12 @@ def main(argv: Sequence[str]) -> int:
     print(f"penni sweep '{plan.sweep_name}': {len(plan.trials)} trials ({plan.sweep.workers_per_trial} worker(s) "
           f"each, {'in-process' if plan.sweep.in_process else 'Ray Train'}, at most {concurrency} at once, "
           f"scheduler {plan.sweep.scheduler}) -> {plan.storage}", flush=True)
+    stop_cleanly_on_sigterm()
     try:
         return _run(plan, concurrency)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted: re-run the same command to resume (finished trials and stages are kept)", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(err)
     except Exception as err:  # noqa: BLE001 - report and exit non-zero
         import traceback
 

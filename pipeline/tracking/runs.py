@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 
 from .metric_names import clean_key as _clean_key
 from .metric_names import flatten, split_for_mlflow
-from .uri import TrackingError, default_artifact_location, validate_uri
+from .uri import TrackingError, create_sqlite_store, default_artifact_location, validate_uri
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def _log_params(client, run_id: str, params: Mapping) -> dict[str, str]:
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
+    create_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -452,3 +453,13 @@ def read_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> list[di
         }
         for r in runs
     ]
+
+
+def log_curve_point(tracking_uri: str, run_id: str, metrics: dict, step: int) -> None:
+    """One point of a run's curve (``step`` is the MLflow step) on stage run ``run_id`` and on its parent run
+    (the pipeline's), so the parent carries the whole trade-off of e.g. the accuracy-budget steps."""
+    client = _client(tracking_uri)
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    for target in (run_id, parent):
+        if target:
+            _log_metrics(client, target, metrics, step, f"run {target}")

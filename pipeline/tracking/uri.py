@@ -112,3 +112,25 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
         return None
     safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", experiment).strip("._") or "default"
     return (Path(path).expanduser().resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create a new SQLite tracking database whole or not at all: MLflow creates and migrates it under a temporary
+    name, which is then linked to the real one. A full disk mid-migration used to leave a half-made database that
+    every later run refused ("table _alembic_tmp_... already exists"). Other URIs and existing files: nothing."""
+    if _scheme(uri) != "sqlite" or not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists() or not path.parent.is_dir():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates and migrates
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created it first: use theirs
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-journal")):
+            leftover.unlink(missing_ok=True)

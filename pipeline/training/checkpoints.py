@@ -38,8 +38,9 @@ def write_checksums(directory: Path) -> None:
     write_json(Path(directory) / CHECKSUMS_FILE, {"sha256": files})
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why the checkpoint in ``directory`` must not be resumed from (None when every file matches)."""
+def checkpoint_problem(directory: Path, required: tuple[str, ...] = REQUIRED_FILES) -> str | None:
+    """Why the checkpoint in ``directory`` must not be resumed from (None when every file matches; ``required``:
+    the files it must list, a training checkpoint's by default)."""
     directory = Path(directory)
     try:
         listed = json.loads((directory / CHECKSUMS_FILE).read_text())["sha256"]
@@ -49,7 +50,7 @@ def checkpoint_problem(directory: Path) -> str | None:
         return f"its {CHECKSUMS_FILE} is unreadable ({type(err).__name__})"
     if not isinstance(listed, dict):
         return f"its {CHECKSUMS_FILE} is unreadable (not a mapping)"
-    missing = [name for name in REQUIRED_FILES if name not in listed]
+    missing = [name for name in required if name not in listed]
     if missing:
         return f"its {CHECKSUMS_FILE} does not list {', '.join(missing)}"
     for name, digest in sorted(listed.items()):

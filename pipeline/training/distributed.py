@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from .. import console
 from ..config.loading import from_dict
 from ..data.device import device_loader, uses_device_loader
 from ..data.loaders import build_datasets, make_loader, resolve_loader
+from ..data.transforms import augmentation_note
 from ..errors import find_cause
 from ..storage.canonical import fingerprint
 from ..storage.fileio import sha256_file
@@ -78,6 +80,7 @@ class StageTraining:
     start_with: str = "coefficients"
     distillation: Distillation | None = None
     prune_preview: dict | None = None     # penni.prunable_fraction kwargs: per epoch, what pruning would remove
+    recalibrate_bn_first: bool = False    # the input's structure just changed: precise BN before the first epoch
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageTraining":
@@ -95,6 +98,7 @@ class TrainJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     training: StageTraining = field(default_factory=StageTraining)
+    label: str = ""                # what the console calls it (default: ``stage``), e.g. "prune step 2"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,6 +168,8 @@ def set_up(job: TrainJob, world: Any) -> TrainingRun:
     splits = build_datasets(cfg.data, seed=cfg.seed, in_channels=cfg.model.in_channels,
                             num_classes=cfg.model.num_classes)
     T.check_trainable(cfg, splits, (job.stage,), num_workers=world.world_size)
+    if world.rank == 0:
+        console.report_note(augmentation_note(cfg.data, splits.policy))
     model = _initial_model(job, cfg)
     hw = T.resolve_hardware(tcfg, world.device)
     resume_dir = world.latest_checkpoint()
@@ -264,6 +270,8 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
     # whether or not it follows a resume, or other work in this process
     torch.manual_seed(run.cfg.seed * 100_003 + epoch * 101 + run.world.rank)
     batches = training_batches(run, epoch)
+    if epoch == 0 and run.job.training.recalibrate_bn_first:
+        batches = recalibrated_first(run, batches)
     phase = run.schedule.start_epoch(run.model, run.optimizer, epoch) if run.schedule else "all"
     lr = run.optimizer.param_groups[0]["lr"]
     extras, stage = run.job.training, run.job.stage
@@ -291,7 +299,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[str, dict, float]:
 def _batch_progress(run: TrainingRun, epoch: int):
     """Rank 0's progress inside an epoch, to the console (a progress display on the driver)."""
     def progress(done: int, total: int, images: int, seconds: float) -> None:
-        console.report_batches(run.job.stage, epoch, run.tcfg.epochs, done, total, images, seconds)
+        console.report_batches(run.job.label or run.job.stage, epoch, run.tcfg.epochs, done, total, images, seconds)
 
     return progress
 
@@ -315,6 +323,38 @@ def recalibrate_batchnorm(run: TrainingRun, epoch: int) -> None:
         return
     T.recalibrate_batchnorm(run.plain_model, training_batches(run, epoch), BN_RECALIBRATION_BATCHES, run.world.device,
                             run.world.all_reduce, run.world.world_size)
+
+
+class _Prefetched:
+    """The first batches of an epoch, already drawn, then the rest of its iterator (one pass: Ray Data too)."""
+
+    def __init__(self, head: list, rest: Iterator, length: int | None) -> None:
+        self.head, self.rest, self.length = head, rest, length
+
+    def __iter__(self) -> Iterator:
+        return itertools.chain(self.head, self.rest)
+
+    def __len__(self) -> int:
+        return self.length or 0
+
+
+def recalibrated_first(run: TrainingRun, batches: Iterable) -> Iterable:
+    """Fresh starts after a structural change (``StageTraining.recalibrate_bn_first``, epoch 0): BatchNorm
+    statistics re-estimated on the epoch's first ``BN_RECALIBRATION_BATCHES`` batches (train mode, no grad,
+    cumulative average, averaged over the ranks) before any step, so neither the first validation nor the
+    running averages start from the statistics of the channels pruning removed. The batches are drawn from the
+    epoch's own iterator and then trained on, so every loader works, Ray Data's single-pass shards included."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.plain_model.modules()):
+        return batches
+    length = len(batches) if hasattr(batches, "__len__") else None
+    rest = iter(batches)
+    head = list(itertools.islice(rest, BN_RECALIBRATION_BATCHES))
+    T.recalibrate_batchnorm(run.plain_model, head, len(head), run.world.device, run.world.all_reduce,
+                            run.world.world_size)
+    if run.world.rank == 0:
+        console.report_line(f"[{run.job.label or run.job.stage}] BatchNorm statistics re-estimated on {len(head)} training batches "
+                            "(the input's channels changed)")
+    return _Prefetched(head, rest, length)
 
 
 def evaluate_epoch(run: TrainingRun) -> dict:
@@ -359,7 +399,7 @@ def report_epoch(run: TrainingRun, epoch: int, metrics: dict, phase: str) -> Non
     """Rank 0: one console line, and the metrics to the stage's MLflow run."""
     if run.world.rank != 0:
         return
-    console.report_epoch(run.job.stage, epoch, run.tcfg.epochs, {**metrics, "phase": phase})
+    console.report_epoch(run.job.label or run.job.stage, epoch, run.tcfg.epochs, {**metrics, "phase": phase})
     if run.logger is not None:
         run.logger.log({k: v for k, v in metrics.items() if k != "replica_digests"}, step=epoch)
 

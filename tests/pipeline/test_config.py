@@ -190,7 +190,7 @@ def test_bad_values_rejected(override, key):
 
 def test_new_keys_defaults_and_overrides():
     cfg = PipelineConfig()
-    assert (cfg.data.loader, cfg.data.augment, cfg.data.hflip, cfg.data.normalize) == ("auto", "auto", True, "auto")
+    assert (cfg.data.loader, cfg.data.augment, cfg.data.hflip, cfg.data.normalize) == ("auto", "auto", "auto", "auto")
     assert (cfg.finetune.distill, cfg.finetune.distill_temperature, cfg.finetune.distill_weight) == (False, 4.0, 0.5)
     assert isinstance(cfg.finetune, FinetuneConfig) and not hasattr(cfg.retrain, "distill")
     assert cfg.sweep.d == [3, 5] and cfg.sweep.l1 == [1e-5, 1e-3] and cfg.sweep.prune_s is None

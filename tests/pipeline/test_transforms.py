@@ -77,7 +77,7 @@ def _accuracy_gap(splits: D.DataSplits, epochs: int = 5) -> tuple[float, float]:
 def test_auto_picks_small_image_policy_and_train_accuracy_keeps_up(small_tree):
     splits = D.build_datasets(small_cfg(small_tree), seed=0)
     policy = splits.policy
-    assert (policy.augment, policy.normalize, policy.hflip) == ("small", "dataset", True)
+    assert (policy.augment, policy.normalize, policy.hflip) == ("small", "dataset", False)  # hflip auto: not known
     x = torch.stack([splits.train[i][0] for i in range(64)])
     assert x.shape == (64, 3, SIZE, SIZE)
     train_acc, val_acc = _accuracy_gap(splits)
@@ -118,3 +118,50 @@ def test_hflip_off_never_mirrors_and_large_images_get_imagenet_recipe(small_tree
     splits = D.build_datasets(small_cfg(large, image_size=48, val_fraction=0.34), seed=0)
     assert (splits.policy.augment, splits.policy.normalize) == ("imagenet", "imagenet")
     assert splits.train[0][0].shape == (3, 48, 48)
+
+
+def _ramp_tree(root: pathlib.Path) -> pathlib.Path:
+    """Two classes of left-to-right ramps (a mirror turns them into right-to-left ones)."""
+    from PIL import Image
+
+    ramp = np.tile(np.arange(SIZE, dtype=np.uint8)[None, :, None] * 8, (SIZE, 1, 3))
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(2):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(ramp).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _mirrored_draws(splits: D.DataSplits, draws: int = 24) -> int:
+    """How many of ``draws`` augmented training views of image 0 run right-to-left (were mirrored)."""
+    torch.manual_seed(0)
+    rows = [splits.train[0][0][0, SIZE // 2, 6:-6] for _ in range(draws)]
+    return sum(int(bool((row.diff() < 0).sum() > (row.diff() > 0).sum())) for row in rows)
+
+
+def test_hflip_auto_mirrors_only_datasets_known_to_be_flip_invariant(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data.transforms import augmentation_note, resolve_hflip
+    from pipeline.stages.fingerprints import stage_fingerprints
+
+    root = _ramp_tree(tmp_path / "ramps")
+    cfg = small_cfg(root, val_fraction=0.34, normalize="none")
+    assert cfg.hflip == "auto" and resolve_hflip(cfg)[0] is False
+    auto = D.build_datasets(cfg, seed=0)
+    assert auto.policy.hflip is False and _mirrored_draws(auto) == 0
+    asked = D.build_datasets(small_cfg(root, val_fraction=0.34, normalize="none", hflip=True), seed=0)
+    assert asked.policy.hflip is True and 0 < _mirrored_draws(asked) < 24
+    note = augmentation_note(cfg, auto.policy)
+    assert note.startswith("augmentation: small-image recipe") and "flips off" in note and "data.hflip=true" in note
+    # Fashion-MNIST is flip-invariant: auto mirrors, and is the same run (same fingerprints) as the older hflip: true
+    fashion = load_config(None)
+    assert fashion.data.hflip == "auto" and resolve_hflip(fashion.data) == (
+        True, "fashion_mnist is known to be flip-invariant (data.hflip=auto)")
+    assert stage_fingerprints(fashion) == stage_fingerprints(load_config(None, ["data.hflip=true"]))
+    assert stage_fingerprints(fashion) != stage_fingerprints(load_config(None, ["data.hflip=false"]))
+    folder = ["data.dataset=imagefolder", f"data.root={root}"]
+    assert stage_fingerprints(load_config(None, folder)) == stage_fingerprints(
+        load_config(None, [*folder, "data.hflip=false"]))
+    assert stage_fingerprints(load_config(None, folder))["baseline"] != stage_fingerprints(
+        load_config(None, [*folder, "data.hflip=true"]))["baseline"]

@@ -169,3 +169,38 @@ def test_image_that_breaks_at_training_time_is_one_line_and_not_retried(tmp_path
     assert any(f"cannot decode the image {path} " in errors[0] for path in bad), errors[0]
     logs = list((storage / "tiny" / "logs").glob("error-*.log"))
     assert len(logs) == 1 and str(logs[0]) in proc.stderr and "Traceback" in logs[0].read_text()
+
+
+def _nested_anchors(levels: int, width: int = 9) -> str:
+    """A "billion laughs" YAML: each level a list of ``width`` aliases of the level below (width**levels values)."""
+    lines = ["    l0: &l0 [" + ", ".join(['"x"'] * width) + "]"]
+    lines += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_bomb_is_refused_in_one_line_before_it_expands(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("name: bomb\nmodel:\n  kwargs:\n    nested:\n" + _nested_anchors(9).replace("    l", "      l"))
+    assert bomb.stat().st_size < 1000
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bomb)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("  - ")]
+    assert problems == [problems[0]] and problems[0].startswith("  - model.kwargs.nested: YAML anchors and aliases")
+    assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+    assert time.perf_counter() - started < 60  # a process start; the check itself is linear in the distinct nodes
+
+
+def test_a_few_anchors_still_load_and_an_alias_bomb_in_set_is_named(tmp_path):
+    from pipeline.config.loading import ConfigError, load_config
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("name: shared\nbaseline: &train {lr: 0.03, epochs: 2}\nfinetune: *train\n")
+    cfg = load_config(shared)
+    assert (cfg.finetune.lr, cfg.finetune.epochs) == (0.03, 2)
+    levels = [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    value = "[&l0 [1,2,3,4,5,6,7,8,9], " + ", ".join(levels) + "]"
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [f"model.kwargs={{x: {value}}}"])
+    assert "model.kwargs.x: YAML anchors and aliases expand" in str(err.value)

@@ -391,6 +391,70 @@ def test_non_module_result_is_refused(tmp_path, base):
         load(path, factories={"mine:number": lambda: 3})
 
 
+# ---------------------------------------------------------------------------------- constructors that multiply modules
+
+
+def _many_blocks_file(path: Path, factory: str, kwargs: dict) -> None:
+    """A small real file (mobilenet_v2 at width 0.1) whose recipe asks its constructor for far more modules."""
+    model = torchvision.models.mobilenet_v2(weights=None, width_mult=0.1, num_classes=4).eval()
+    set_constructor(model, "torchvision.models:mobilenet_v2", width_mult=0.1, num_classes=4)
+    save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    recipe = json.loads(metadata["penni_recipe"])
+    recipe["constructor"] = {"factory": factory, "kwargs": kwargs}
+    write(path, tensors, {**metadata, "penni_recipe": json.dumps(recipe)})
+
+
+DEEP_CONSTRUCTORS = {  # each passes the tensor-byte budget (every tensor is tiny) but builds 10^5-10^6 modules
+    "torchvision mobilenet_v2, 200k blocks": ("torchvision.models:mobilenet_v2",
+                                              {"width_mult": 0.1, "inverted_residual_setting": [[1, 16, 200000, 1]]}),
+    "penni build_model over torchvision, 200k blocks": (
+        "penni.models:build_model", {"arch": "torchvision.models:mobilenet_v2", "num_classes": 4,
+                                     "inverted_residual_setting": [[6, 8, 200000, 1]]}),
+    "registered factory, 10^6 modules": ("mine:deep", {"depth": 1_000_000}),
+}
+
+
+def _deep(depth: int) -> nn.Module:
+    return nn.Sequential(*(nn.Sequential(nn.Identity(), nn.ReLU()) for _ in range(depth)))
+
+
+@pytest.mark.parametrize("factory,kwargs", list(DEEP_CONSTRUCTORS.values()), ids=list(DEEP_CONSTRUCTORS))
+def test_a_constructor_that_multiplies_modules_is_refused_within_seconds(tmp_path, factory, kwargs):
+    """A 1 KB recipe change must not pin gigabytes and minutes: the build is counted while it runs (on meta)."""
+    import resource
+    import time
+
+    path = tmp_path / "deep.safetensors"
+    _many_blocks_file(path, factory, kwargs)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(PenniFormatError, match="registers more than"):
+        load(path, factories={"mine:deep": _deep})
+    assert time.perf_counter() - started < 30  # < 5 s idle; generous for a loaded CI machine
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mb < 1024, f"the refused load grew the process by {grown_mb:.0f} MB"
+
+
+def test_a_slow_constructor_is_refused_at_the_time_limit(tmp_path, monkeypatch):
+    from penni.serialization import replay
+
+    def slow(**kwargs: Any) -> nn.Module:
+        import time
+
+        layers = nn.Sequential()
+        while True:  # never finishes on its own
+            time.sleep(0.01)
+            layers.append(nn.Identity())
+
+    monkeypatch.setattr(replay, "BUILD_SECONDS", 1.0)
+    path = tmp_path / "slow.safetensors"
+    _many_blocks_file(path, "mine:slow", {})
+    with pytest.raises(PenniFormatError, match="took more than 1 s"):
+        load(path, factories={"mine:slow": slow})
+
+
 # ---------------------------------------------------------------------------------- constructors that cannot run on meta
 
 

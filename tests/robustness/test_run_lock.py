@@ -56,6 +56,38 @@ def test_second_holder_is_refused_with_the_holders_pid_host_and_time(tmp_path):
         assert again.held
 
 
+def test_an_empty_lock_file_is_named_with_its_age_then_taken_over(tmp_path):
+    store = RunStore(str(tmp_path), "exp")
+    path = Path(store.root) / ".lock"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # what a full disk left behind before the lock was written atomically
+    with pytest.raises(RunLockedError) as err:
+        RunLock(store).acquire()
+    assert "empty or unreadable lock file" in str(err.value) and str(path) in str(err.value)
+    old = time.time() - 2 * L.EMPTY_LOCK_GRACE_S
+    os.utime(path, (old, old))
+    warnings = []
+    with RunLock(store, warn=warnings.append) as lock:
+        assert lock.held and json.loads(path.read_text())["pid"] == os.getpid()
+    assert len(warnings) == 1 and "empty or unreadable" in warnings[0]
+
+
+def test_a_lock_that_cannot_be_written_leaves_no_lock_file(tmp_path):
+    """Writes fail (a file-size limit of 0 bytes: the same EFBIG/ENOSPC path as a full disk): the run is refused
+    as a storage problem, and no lock file is left for the next run to trip on."""
+    code = (f"import resource, signal, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from pipeline.storage.lock import RunLock\nfrom pipeline.storage.run_store import RunStore, StorageError\n"
+            f"store = RunStore({str(tmp_path)!r}, 'exp')\nimport os; os.makedirs(store.root, exist_ok=True)\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+            "try:\n    RunLock(store).acquire()\nexcept StorageError as e:\n    print('refused:', e); sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "cannot write the lock file" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == []
+    with RunLock(RunStore(str(tmp_path), "exp")) as lock:  # space is back: the next run just starts
+        assert lock.held
+
+
 def test_lock_of_a_sigkilled_process_is_taken_over_with_one_warning(tmp_path):
     code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r})\n"
             "from pipeline.storage import RunStore; from pipeline.storage.lock import RunLock\n"
