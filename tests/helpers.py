@@ -1,6 +1,9 @@
 """Helpers shared by the test modules."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -58,3 +61,14 @@ class GroupedNet(nn.Module):
         y = torch.relu(self.bn_g(self.g(y)))
         y = torch.relu(self.bn_b(self.b(y)))
         return self.head(self.dw(y))
+
+
+def has_train_checkpoint(root: Path, stage: str) -> bool:
+    """Ray Train has recorded a checkpoint of ``stage`` under the run root ``root`` (its snapshot names one)."""
+    for snapshot in (root / "_train").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

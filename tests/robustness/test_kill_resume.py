@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import penni
+from tests.helpers import has_train_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,17 +99,6 @@ def _kill_tree(driver: subprocess.Popen, known: set[int]) -> None:
     raise AssertionError(f"processes of the killed driver survive: {sorted(alive)}")
 
 
-def _has_checkpoint(root: Path, stage: str) -> bool:
-    """Ray Train has recorded a checkpoint of ``stage`` (its snapshot names one)."""
-    for snapshot in (root / "_train").glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
 def _run_driver(storage: Path, log: Path, stop_when: Callable[[], bool], poll: float) -> subprocess.Popen:
     """Start the pipeline in its own session; return once it exits or ``stop_when()`` holds (600 s at most),
     with the driver still running in the latter case. Its processes are recorded on ``driver.known``."""
@@ -127,7 +117,7 @@ def _run_driver(storage: Path, log: Path, stop_when: Callable[[], bool], poll: f
 def _run_and_kill_during(storage: Path, stage: str, log: Path) -> str:
     """Start the pipeline; SIGKILL its driver once ``stage`` has a checkpoint but no manifest yet."""
     root = storage / "tiny"
-    driver = _run_driver(storage, log, lambda: _has_checkpoint(root, stage), poll=0.05)
+    driver = _run_driver(storage, log, lambda: has_train_checkpoint(root, stage), poll=0.05)
     try:
         assert driver.poll() is None, f"the pipeline ended before {stage} checkpointed:\n{log.read_text()[-3000:]}"
         os.kill(driver.pid, signal.SIGKILL)

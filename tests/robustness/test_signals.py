@@ -6,7 +6,6 @@ Before ``pipeline.cli.launch.stop_cleanly_on_sigterm``, Ray's own handler made t
 aborted (exit 134)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import has_train_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,15 +54,7 @@ def _in_retrain(root: Path, use_ray: bool) -> bool:
     """retrain is running: with Ray, once Ray Train recorded a checkpoint of it; in-process, once its epoch runs."""
     if not (root / "decompose" / "manifest.json").exists():
         return False
-    if not use_ray:
-        return True
-    for snapshot in (root / "_train").glob("retrain-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return has_train_checkpoint(root, "retrain") if use_ray else True
 
 
 def _kill_session(sid: int) -> None:
