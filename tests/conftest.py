@@ -23,6 +23,18 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` for subprocesses: undo it after each test,
+    or every later run started as a subprocess would track into that test's (deleted) database."""
+    yield
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A private local Ray instance for one test module (never attaches to a running cluster)."""

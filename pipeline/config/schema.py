@@ -381,6 +381,62 @@ class SweepConfig(_Section):
         return []
 
 
+class LimitsConfig(_Section):
+    """Bounds on values that, beyond them, can only fail late or run for ever (``epochs=1e12``, a 100,000-pixel
+    image): checked before any job starts. Raise one to mean it (``--set limits.max_epochs=100000``)."""
+
+    max_epochs: PosInt = 10_000           # each training stage's epochs and compress.step_epochs
+    max_image_size: PosInt = 4_096        # data.image_size, pixels per side
+    max_batch_memory: Fraction = 0.25     # one input batch (float32) as a fraction of this machine's memory
+    max_loader_workers: PosInt = 256      # data.loader_workers (processes per training worker)
+    max_repeats: PosInt = 100_000         # evaluate.latency_repeats and sweep.num_samples
+    max_synthetic_examples: PosInt = 100_000_000  # data.synthetic_size
+
+
+def _machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _runaway_values(cfg: "PipelineConfig") -> list[tuple[str, str]]:
+    """Values past ``cfg.limits``: each names the key, the bound and the override."""
+    lim, found = cfg.limits, []
+
+    def over(key: str, value: float, bound: float, limit: str, what: str) -> None:
+        if value > bound:
+            found.append((key, f"{value:,} is more than {bound:,} {what}; lower it, or raise the bound if you "
+                               f"mean it: --set limits.{limit}={value}."))
+
+    for section in ("baseline", "retrain", "finetune"):
+        over(f"{section}.epochs", getattr(cfg, section).epochs, lim.max_epochs, "max_epochs", "epochs")
+    over("compress.step_epochs", cfg.compress.step_epochs, lim.max_epochs, "max_epochs", "epochs")
+    over("data.image_size", cfg.data.image_size, lim.max_image_size, "max_image_size", "pixels per side")
+    over("data.loader_workers", cfg.data.loader_workers, lim.max_loader_workers, "max_loader_workers", "processes")
+    over("data.synthetic_size", cfg.data.synthetic_size, lim.max_synthetic_examples, "max_synthetic_examples",
+         "examples")
+    over("evaluate.latency_repeats", cfg.evaluate.latency_repeats, lim.max_repeats, "max_repeats", "repeats")
+    over("sweep.num_samples", cfg.sweep.num_samples, lim.max_repeats, "max_repeats", "trials")
+    memory = _machine_memory()
+    if memory is None or cfg.data.image_size > lim.max_image_size:
+        return found
+    per_example = 4 * cfg.model.in_channels * cfg.data.image_size ** 2
+    for key, size in [("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size),
+                      *((f"prune.latency_batch_sizes[{i}]", b) for i, b in enumerate(cfg.prune.latency_batch_sizes)),
+                      *((f"evaluate.latency_batch_sizes[{i}]", b)
+                        for i, b in enumerate(cfg.evaluate.latency_batch_sizes))]:
+        if size * per_example > lim.max_batch_memory * memory:
+            found.append((key, f"{size:,} input{'s' * (size != 1)} of {cfg.model.in_channels}x{cfg.data.image_size}x"
+                               f"{cfg.data.image_size} take {size * per_example / 2**30:,.1f} GiB before any "
+                               f"activation, more than {lim.max_batch_memory:g} of this machine's "
+                               f"{memory / 2**30:,.0f} GiB; lower it, or raise limits.max_batch_memory (< 1)."))
+    return found
+
+
 class PipelineConfig(_Section):
     """The whole run: its name and storage, and one section per concern."""
 
@@ -400,6 +456,10 @@ class PipelineConfig(_Section):
     shrink: ShrinkConfig = Field(default_factory=ShrinkConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _runaway_values(self)
 
     @field_validator("name")
     @classmethod

@@ -69,9 +69,12 @@ def precise_bn(model: nn.Module, cfg: Any, splits=None) -> nn.Module:
     splits = splits or build_datasets(cfg.data, seed=cfg.seed)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         batch_size = max(1, min(cfg.data.batch_size, len(splits.train)))
-        loader = make_loader(splits.train, batch_size, shuffle=True, workers=cfg.data.loader_workers,
-                             seed=cfg.seed * 1000 + 999, drop_last=True)
-        T.recalibrate_batchnorm(model.to(_device(cfg)), loader, BN_RECALIBRATION_BATCHES, _device(cfg))
+        seed = cfg.seed * 1000 + 999
+        loader = make_loader(splits.train, batch_size, shuffle=True, workers=cfg.data.loader_workers, seed=seed,
+                             drop_last=True)
+        with torch.random.fork_rng(devices=[]):  # in-process augmentation draws from the global RNG: seed it too,
+            torch.manual_seed(seed)              # so a resumed run re-estimates exactly what an uninterrupted one did
+            T.recalibrate_batchnorm(model.to(_device(cfg)), loader, BN_RECALIBRATION_BATCHES, _device(cfg))
     return model.eval()
 
 

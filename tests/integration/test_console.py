@@ -16,6 +16,7 @@ from pipeline.stages.table import STAGES
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "workflows" / "full_pipeline.py"
 TRAINING = ("baseline", "retrain", "finetune")
+BN_NOTE = "BatchNorm statistics re-estimated on "  # the one note a stage may print besides its epochs
 RAY_PREFIX = re.compile(r"\((?:\w+ )?pid=\d+")  # "(RayTrainWorker pid=123)", "(pid=123, ip=...)"
 
 
@@ -40,10 +41,12 @@ def _check_console(out: str) -> None:
         assert len(epoch_lines) == 1, (stage, out)
     for k, stage in enumerate(STAGES, 1):
         stage_lines = [line for line in lines if line.startswith(f"[{stage}] ")
-                       and not line.startswith(f"[{stage}] epoch")]
+                       and not line.startswith((f"[{stage}] epoch", f"[{stage}] {BN_NOTE}"))]
         assert stage_lines == [stage_lines[0]] and stage_lines[0].endswith(f"(stage {k}/{len(STAGES)})"), \
             (stage, out)
         assert re.fullmatch(rf"\[{stage}\] done in \d+\.\ds \(stage {k}/{len(STAGES)}\)", stage_lines[0]), out
+    notes = [line for line in lines if BN_NOTE in line]
+    assert [line.split("]")[0] for line in notes] == ["[finetune"], notes  # shrink changed the channels
     assert "Baseline vs compressed (test split" in out and "Total wall time:" in out
 
 

@@ -204,3 +204,49 @@ def test_a_few_anchors_still_load_and_an_alias_bomb_in_set_is_named(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [f"model.kwargs={{x: {value}}}"])
     assert "model.kwargs.x: YAML anchors and aliases expand" in str(err.value)
+
+
+RUNAWAY = [  # (override, the key named, the limits override that lets a user mean it)
+    ("baseline.epochs=1000000000000", "baseline.epochs", "limits.max_epochs=1000000000000"),
+    ("finetune.epochs=20000", "finetune.epochs", "limits.max_epochs=20000"),
+    ("compress.step_epochs=50000", "compress.step_epochs", "limits.max_epochs=50000"),
+    ("data.image_size=5000", "data.image_size", "limits.max_image_size=5000"),
+    ("data.loader_workers=5000", "data.loader_workers", "limits.max_loader_workers=5000"),
+    ("evaluate.latency_repeats=1000000000", "evaluate.latency_repeats", "limits.max_repeats=1000000000"),
+    ("sweep.num_samples=10000000", "sweep.num_samples", "limits.max_repeats=10000000"),
+    ("data.synthetic_size=1000000000000", "data.synthetic_size", "limits.max_synthetic_examples=1000000000000"),
+]
+
+
+@pytest.mark.parametrize("override,key,allow", RUNAWAY, ids=[r[1] for r in RUNAWAY])
+def test_values_that_can_only_fail_later_are_refused_unless_the_limit_is_raised(override, key, allow):
+    from pipeline.config.loading import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert len(err.value.errors) == 1 and err.value.errors[0].startswith(f"{key}: "), err.value.errors
+    assert f"--set {allow.split('=')[0]}=" in err.value.errors[0]
+    small_batches = ["data.batch_size=1", "data.eval_batch_size=1", "prune.latency_batch_sizes=[1]",
+                     "evaluate.latency_batch_sizes=[1]"]  # so that a 5000-pixel image fits in this machine
+    load_config("tiny", [override, allow, *small_batches])
+
+
+def test_a_batch_larger_than_memory_is_refused_with_its_size_before_anything_starts(tmp_path):
+    from pipeline.config.loading import ConfigError, load_config
+    from pipeline.config.schema import _machine_memory
+
+    memory = _machine_memory()
+    batch = int(memory // (4 * 3 * 224 * 224)) + 1  # one float32 batch of 3x224x224 larger than this machine
+    sets = ["model.in_channels=3", "data.image_size=224"]
+    for key in ("data.batch_size", "data.eval_batch_size", "prune.latency_batch_sizes", "evaluate.latency_batch_sizes"):
+        value = f"[1, {batch}]" if key.endswith("sizes") else str(batch)
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny", [*sets, f"{key}={value}"])
+        assert len(err.value.errors) == 1 and err.value.errors[0].startswith(key), err.value.errors
+        assert "GiB before any activation" in err.value.errors[0]
+    load_config("tiny", [*sets, f"data.batch_size={batch // 8}", "limits.max_batch_memory=0.5"])
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", "tiny", "--storage", str(tmp_path / "runs"),
+                           "--set", "data.image_size=100000"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "data.image_size: 100,000 is more than" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
