@@ -118,19 +118,39 @@ def counts(results: dict[str, dict[str, Outcome]], tools: list[str]) -> str:
     return line
 
 
+def _reused(path: Path) -> dict[str, dict[str, dict]]:
+    """Outcomes of an earlier run: the JSON this benchmark wrote, or its markdown table (Torch-Pruning's columns
+    and reasons), so one tool can be re-measured without re-running the other."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    rows: dict[str, dict[str, dict]] = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) != 9:
+            continue
+        reasons = dict(part.split(": ", 1) for part in cells[8].split("; ") if ": " in part)
+        tp_reason = reasons.get("torch_pruning")
+        rows[cells[0].strip("`")] = {"torch_pruning": {
+            "reached": None if cells[5] == "-" else float(cells[5].rstrip("%")) / 100,
+            "exported": None if cells[6] == "-" else cells[6] == "yes", "seconds": float(cells[7]),
+            "reason": None if tp_reason is None or tp_reason.startswith("reached ") else tp_reason}}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument("--only", nargs="*", help="case ids (library:name) to run")
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
     parser.add_argument("--limit", type=float, default=300.0, help="seconds per model and tool")
-    parser.add_argument("--reuse", type=Path, help="a JSON file this benchmark wrote: take the tools not run from it")
+    parser.add_argument("--reuse", type=Path, help="a JSON or markdown file this benchmark wrote: take the tools "
+                                                   "not run from it")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "TOOL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(*args.child)
     cases = [c for c in CASES if not args.only or c.id in args.only]
-    reused = json.loads(args.reuse.read_text()) if args.reuse else {}
+    reused = _reused(args.reuse) if args.reuse else {}
     tools = [t for t in TOOLS if t in args.tools or any(t in row for row in reused.values())]
     results: dict[str, dict[str, Outcome]] = {}
     for case in cases:
@@ -143,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{counts(results, tools)}\n\n{table(results, tools)}\n\n"
             f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPUs, one thread per model), "
             f"`PYTHONPATH=. python benchmarks/architecture_coverage.py --out {args.out or '...'}`. "
-            "penni seconds: decompose + prune_channels + shrink; Torch-Pruning seconds: the whole ratio bisection.\n")
+            "penni seconds: decompose + prune_channels + shrink; Torch-Pruning seconds: the whole ratio bisection."
+            + (f" Columns of {', '.join(t for t in tools if t not in args.tools)} taken from an earlier run "
+               f"(`--reuse {args.reuse.name}`)." if args.reuse and set(tools) - set(args.tools) else "") + "\n")
     print(text)
     if args.out:
         args.out.write_text(text)

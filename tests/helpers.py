@@ -72,3 +72,16 @@ def has_train_checkpoint(root: Path, stage: str) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def _timed(key: str) -> bool:
+    """A value measured with a clock (latencies, speedups, per-layer timings) or chosen by one (the
+    inference plan keeps whichever form was fastest): it differs between any two runs."""
+    return "latency" in key or key.endswith("_ms") or key == "inference_plans"
+
+
+def without_timings(obj):
+    """``obj`` (a parsed ``evaluation.json``) without the values a clock decides: what two runs must share."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if not _timed(k)}
+    return obj

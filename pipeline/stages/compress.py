@@ -21,6 +21,13 @@ between steps, or with another budget: the key hashes what the steps depend on, 
 checksums (``checkpoint_problem``) and reuses the finished steps. Each step is one point of the
 accuracy-vs-cost curve: logged to MLflow (the step index is the MLflow step) on the stage run and the
 pipeline's parent run, and written to ``compress_steps.json`` and ``compression_curve.png``.
+
+The steps' short fine-tuning only estimates what the full one recovers, so the budget is checked again on the
+result: the prune stage also commits up to ``FALLBACKS`` less compressed candidates (the within-budget steps
+before the chosen one, then the retrained model without channel pruning), prepared like its model
+(``fallback_<i>.safetensors``, listed in ``fallbacks.json``). When the fine-tuned model ends more than the budget
+below the baseline, ``finetune`` fine-tunes the next candidate at full length, until one is within the budget
+(``keep_within_budget``); if none is, the least compressed one is kept and the run says so.
 """
 from __future__ import annotations
 
@@ -46,8 +53,11 @@ from ..training import loop as T
 from ..training.checkpoints import BEST_FILE, MODEL_FILE, checkpoint_problem, write_checksums
 from ..training.distributed import BN_RECALIBRATION_BATCHES, StageTraining, TrainJob
 
-__all__ = ["compress_steps", "precise_bn", "progressive_prune", "val_top1"]
+__all__ = ["FALLBACKS", "compress_steps", "keep_within_budget", "precise_bn", "progressive_prune", "val_top1",
+           "write_fallbacks"]
 
+FALLBACKS = 2                    # less compressed candidates the prune stage commits for finetune's budget check
+FALLBACK_RECORD = "fallbacks.json"
 STEP_RECORD = "step.json"
 STEP_FILES = (MODEL_FILE, STEP_RECORD)
 
@@ -208,5 +218,46 @@ def progressive_prune(ctx: Any, model: nn.Module, splits, training: StageTrainin
                                  budget_points=budget, chosen=chosen if chosen >= 0 else None,
                                  title="accuracy budget: validation top-1 per pruning step")
     reduction = records[chosen]["dense_macs_reduction"] if chosen >= 0 else 0.0
+    fallbacks = [(k, load(root / f"step_{k}" / MODEL_FILE), records[k]["dense_macs_reduction"])
+                 for k in range(chosen - 1, -1, -1)] + ([(-1, model, 0.0)] if chosen >= 0 else [])
     return chosen_model, {"compress_chosen_step": chosen, "compress_steps_run": len(records),
-                          "compress_baseline_val_top1": baseline_top1, "predicted_dense_macs_reduction": reduction}
+                          "compress_baseline_val_top1": baseline_top1, "predicted_dense_macs_reduction": reduction,
+                          "fallbacks": fallbacks[:FALLBACKS]}
+
+
+def write_fallbacks(out_dir: Path, fallbacks: list[tuple[int, nn.Module, float]], prepare: Any) -> None:
+    """The less compressed candidates, each ``prepare``-d like the stage's model (element rule, BatchNorm), as
+    ``fallback_<i>.safetensors`` and ``fallbacks.json`` (most compressed first; step -1: no channel pruned)."""
+    listed = []
+    for i, (step, model, reduction) in enumerate(fallbacks, 1):
+        save(prepare(copy.deepcopy(model)).cpu(), out_dir / f"fallback_{i}.safetensors")
+        listed.append({"file": f"fallback_{i}.safetensors", "step": step, "dense_macs_reduction": reduction})
+    write_json(out_dir / FALLBACK_RECORD, listed)
+
+
+def keep_within_budget(ctx: Any, metrics: dict, fine_tune: Any) -> dict:
+    """After finetune: while the fine-tuned model is more than the budget below the baseline (validation top-1),
+    fine-tune the prune stage's next less compressed candidate at full length (``fine_tune(path) -> metrics``)."""
+    prune_dir = Path(ctx.inputs["prune"])
+    steps = json.loads((prune_dir / "compress_steps.json").read_text())
+    listed = prune_dir / FALLBACK_RECORD
+    fallbacks = json.loads(listed.read_text()) if listed.exists() else []
+    baseline, budget, tried = steps["baseline_val_top1"], steps["max_top1_drop"], 0
+
+    def drop(m: dict) -> float:
+        return 100.0 * (baseline - m["selected_val_top1"])
+
+    while drop(metrics) > budget and tried < len(fallbacks):
+        candidate = fallbacks[tried]
+        tried += 1
+        what = (f"step {candidate['step'] + 1} (-{100 * candidate['dense_macs_reduction']:.1f}% dense MACs)"
+                if candidate["step"] >= 0 else "the retrained model without channel pruning")
+        ctx.log(f"[finetune] {drop(metrics):.2f} pt below the baseline, over the budget of {budget:g} pt: "
+                f"fine-tuning {what} instead")
+        metrics = fine_tune(prune_dir / candidate["file"])
+    within = drop(metrics) <= budget
+    if not within:
+        ctx.log(f"[finetune] warning: {drop(metrics):.2f} pt below the baseline after {tried} fallback(s), over the "
+                f"budget of {budget:g} pt; kept the least compressed candidate")
+    return {**metrics, "compress_fallbacks": tried, "compress_final_top1_drop_points": drop(metrics),
+            "compress_within_budget": float(within)}

@@ -32,7 +32,7 @@ from ..storage.canonical import write_json
 from ..training import loop as T
 from ..training.checkpoints import BEST_FILE, HISTORY_FILE, MODEL_FILE
 from ..training.distributed import Distillation, StageTraining, TrainJob
-from .compress import precise_bn, progressive_prune
+from .compress import keep_within_budget, precise_bn, progressive_prune, write_fallbacks
 
 
 @dataclass
@@ -174,15 +174,25 @@ def run_prune(ctx: StageContext) -> dict:
         metrics = {reduction: report.reduction, "channel_groups_removed": report.groups_removed}
         metrics.update({f"prune_speedup_bs{b}": v for b, v in report.latency.get("speedup", {}).items()})
     if pcfg.element_rule is not None:
-        penni.prune(model, rule=pcfg.element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+        _element_rule(model, pcfg)
     per_layer = layer_sparsity(model, pcfg.include_pointwise)
     splits = build_datasets(ctx.cfg.data, seed=ctx.cfg.seed)
     metrics["val_top1_stale_bn"] = _val_accuracy(model, ctx.cfg, splits)  # before BatchNorm follows the new channels
     precise_bn(model, ctx.cfg, splits)
     save(model.cpu(), ctx.out_dir / MODEL_FILE)
+    if "fallbacks" in metrics:  # the budget's less compressed candidates, prepared alike (finetune checks the budget)
+        write_fallbacks(ctx.out_dir, metrics.pop("fallbacks"),
+                        lambda m: precise_bn(_element_rule(m, pcfg), ctx.cfg, splits))
     write_json(ctx.out_dir / "sparsity.json", per_layer)
     return {**metrics, "sparsity": penni.coefficient_sparsity(model, pcfg.include_pointwise),
             "val_top1": _val_accuracy(model, ctx.cfg, splits)}
+
+
+def _element_rule(model: nn.Module, pcfg: Any) -> nn.Module:
+    """``prune.rule``'s element part (std or sparsity) applied to ``model``, if it has one."""
+    if pcfg.element_rule is not None:
+        penni.prune(model, rule=pcfg.element_rule, s=pcfg.s, target=pcfg.target, include_pointwise=pcfg.include_pointwise)
+    return model
 
 
 def _latency_settings(ctx: StageContext) -> penni.LatencySettings:
@@ -206,7 +216,10 @@ def finetune_training(fcfg: Any, teacher_model: Path) -> StageTraining:
 def run_finetune(ctx: StageContext) -> dict:
     """Recover accuracy with the masks held (optionally distilled from the baseline); keeps the best epoch."""
     training = finetune_training(ctx.cfg.finetune, ctx.input_model("baseline"))
-    return _run_training(ctx, ctx.input_model("prune"), select="best", training=training)
+    metrics = _run_training(ctx, ctx.input_model("prune"), select="best", training=training)
+    if ctx.cfg.compress.max_top1_drop is None:
+        return metrics
+    return keep_within_budget(ctx, metrics, lambda path: _run_training(ctx, path, select="best", training=training))
 
 
 def run_shrink(ctx: StageContext) -> dict:

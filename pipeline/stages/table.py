@@ -67,7 +67,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
           ("model.safetensors", "history.json"), (),
           "L1 / group lasso on the coefficients, basis and coefficients in alternation; last epoch kept"),
     Stage("prune", ("retrain",), ("prune", "data.image_size"), run_prune, False,  # channel costs: MACs at this size
-          ("model.safetensors", "sparsity.json"), ("channels.json", "compress_steps.json", "compression_curve.png"),
+          ("model.safetensors", "sparsity.json"), ("channels.json", "compress_steps.json", "compression_curve.png",
+                                                "fallbacks.json", "fallback_*.safetensors"),
           "zero whole channels to a dense-MAC target (or, with compress.max_top1_drop, in fine-tuned steps within "
           "that budget) and/or small coefficients; masks held from here on",
           reads_also=("baseline",), trains_when="compress.max_top1_drop",

@@ -1,15 +1,13 @@
 """Data-parallel training of one stage: on Ray Train workers, or in this process without Ray.
 
 ``training_loop(job)`` is the per-worker function and reads top to bottom like torchvision's
-``references/classification/train.py``: ``set_up`` (data, model, optimizer, resume), then per epoch
-``train_epoch``, ``recalibrate_batchnorm``, ``evaluate_epoch``, ``check_replicas``, ``keep_best``, ``report_epoch`` and
-``save_checkpoint``. What a stage adds to the generic loop (L1 and group lasso, the alternating
-schedule, a distillation teacher) comes in explicitly with the job (``StageTraining``), filled by
-the stage function; the loop never looks at the stage's name.
-
-The run directory is keyed by ``training_run_name``: the stage's fingerprint and the content hash of
-its input model, so an upstream stage that produced different weights is never resumed into.
-Checkpoints and their verification: ``pipeline.training.checkpoints``; where the loop runs: ``pipeline.training.worlds``.
+``references/classification/train.py``: ``set_up`` (data, model, optimizer, resume), then ``run_epoch`` per epoch
+(``train_epoch``, ``recalibrate_batchnorm``, ``evaluate_epoch``, ``check_replicas``, ``keep_best``, ``report_epoch``,
+``save_checkpoint``). What a stage adds (L1 and group lasso, the alternating schedule, a distillation teacher)
+comes in explicitly with the job (``StageTraining``); the loop never looks at the stage's name.
+The run directory is keyed by ``training_run_name`` (the stage's fingerprint and its input model's hash), so an
+upstream stage that produced different weights is never resumed into. Checkpoints: ``pipeline.training.checkpoints``;
+where the loop runs: ``pipeline.training.worlds``.
 """
 from __future__ import annotations
 
@@ -137,27 +135,32 @@ class TrainingRun:
 
 def training_loop(job_dict: dict, world: Any = None) -> dict:
     """Train one stage; returns ``{"history": [...], "best": {...}, "start_epoch": i}`` (rank 0's view).
-
-    Checkpoints every epoch (model with masks, optimizer, LR schedule, epoch, best-so-far), so a
-    restarted worker group or a re-run of the same stage continues where it stopped.
-    """
+    Checkpoints every epoch (model with masks, optimizer, LR schedule, epoch, best-so-far), so a restarted worker
+    group or a re-run of the same stage continues where it stopped."""
     run = set_up(TrainJob.from_dict(job_dict), world or RayWorld())
-    for epoch in range(run.start_epoch, run.tcfg.epochs):
-        _maybe_inject_failure(run.job.stage, epoch)
-        started = time.perf_counter()
-        phase, metrics, objective = train_epoch(run, epoch)
-        recalibrate_batchnorm(run, epoch)
-        metrics.update(evaluate_epoch(run))
-        metrics["sparsity"] = penni.coefficient_sparsity(run.plain_model, run.job.training.include_pointwise)
-        metrics["epoch_seconds"] = time.perf_counter() - started
-        metrics.update(check_replicas(run, epoch))
-        metrics.update(penalties(run, objective))
-        keep_best(run, epoch, metrics)
-        run.history.append({**metrics, "phase": phase})
-        report_epoch(run, epoch, metrics, phase)
-        save_checkpoint(run, epoch, metrics)
-    shutil.rmtree(run.best_copy.parent, ignore_errors=True)
+    try:
+        for epoch in range(run.start_epoch, run.tcfg.epochs):
+            run_epoch(run, epoch)
+    finally:  # an error or a stop too: the temporary best copy is never left in /tmp
+        shutil.rmtree(run.best_copy.parent, ignore_errors=True)
     return {"history": run.history, "best": run.best, "start_epoch": run.start_epoch}
+
+
+def run_epoch(run: TrainingRun, epoch: int) -> None:
+    """One epoch: train, BatchNorm, validate, keep the best, report, checkpoint."""
+    _maybe_inject_failure(run.job.stage, epoch)
+    started = time.perf_counter()
+    phase, metrics, objective = train_epoch(run, epoch)
+    recalibrate_batchnorm(run, epoch)
+    metrics.update(evaluate_epoch(run))
+    metrics["sparsity"] = penni.coefficient_sparsity(run.plain_model, run.job.training.include_pointwise)
+    metrics["epoch_seconds"] = time.perf_counter() - started
+    metrics.update(check_replicas(run, epoch))
+    metrics.update(penalties(run, objective))
+    keep_best(run, epoch, metrics)
+    run.history.append({**metrics, "phase": phase})
+    report_epoch(run, epoch, metrics, phase)
+    save_checkpoint(run, epoch, metrics)
 
 
 def set_up(job: TrainJob, world: Any) -> TrainingRun:

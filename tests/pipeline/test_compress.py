@@ -99,6 +99,46 @@ def test_the_chosen_step_is_the_last_within_the_budget(inputs, tmp_path):
     assert penni.profile(model, x).dense_macs == expected
 
 
+def test_finetune_falls_back_to_less_compressed_candidates_while_over_the_budget(inputs, tmp_path):
+    """The prune stage commits the less compressed candidates (prepared like its model); finetune's budget check
+    fine-tunes them in order, most compressed first, until one is within the budget, else keeps the last."""
+    from types import SimpleNamespace
+
+    from pipeline.stages.compress import FALLBACKS, keep_within_budget
+
+    out = tmp_path / "out"
+    run_prune_stage(inputs, tmp_path / "work", out, budget=100.0)  # every step within: step 3 chosen
+    listed = json.loads((out / "fallbacks.json").read_text())
+    assert [c["step"] for c in listed] == [1, 0][:FALLBACKS]
+    cfg = load_config("tiny", OVERRIDES)
+    x = example_batch(build_datasets(cfg.data, seed=0), batch_size=8)
+    chosen = penni.profile(penni.load(out / "model.safetensors"), x).dense_macs
+    costs = [penni.profile(penni.load(out / c["file"]), x).dense_macs for c in listed]
+    assert chosen < costs[0] < costs[1], (chosen, costs)  # each candidate less compressed than the one before
+    steps = json.loads((out / "compress_steps.json").read_text())
+    steps["max_top1_drop"] = 1.0
+    (out / "compress_steps.json").write_text(json.dumps(steps))
+    baseline = steps["baseline_val_top1"]
+    lines, calls = [], []
+
+    def fine_tune(results):
+        def run(path):
+            calls.append(path.name)
+            return {"selected_val_top1": results[len(calls) - 1]}
+        return run
+
+    ctx = SimpleNamespace(inputs={"prune": out}, log=lines.append)
+    got = keep_within_budget(ctx, {"selected_val_top1": baseline - 0.03}, fine_tune([baseline - 0.02, baseline]))
+    assert calls == ["fallback_1.safetensors", "fallback_2.safetensors"] and got["compress_fallbacks"] == 2
+    assert got["compress_within_budget"] == 1.0 and got["compress_final_top1_drop_points"] == pytest.approx(0.0)
+    calls.clear()
+    got = keep_within_budget(ctx, {"selected_val_top1": baseline - 0.005}, fine_tune([]))  # within: nothing more
+    assert calls == [] and got["compress_fallbacks"] == 0 and got["compress_within_budget"] == 1.0
+    got = keep_within_budget(ctx, {"selected_val_top1": baseline - 0.05}, fine_tune([baseline - 0.04] * 2))
+    assert got["compress_within_budget"] == 0.0 and got["compress_fallbacks"] == 2
+    assert "kept the least compressed candidate" in lines[-1]
+
+
 def test_a_sigkill_between_steps_resumes_without_redoing_finished_steps(inputs, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[2])}

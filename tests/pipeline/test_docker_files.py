@@ -316,11 +316,24 @@ def test_compose_has_a_ray_head_two_workers_mlflow_and_s3():
             assert p["address"] == f"{head}:{params[head]['port']}", (name, p["address"])
         assert p["block"], f"{name}: `ray start` without --block exits and the container stops"
         assert _bytes(ray_nodes[name]["shm_size"]) >= 2**30, f"{name}: Ray's object store needs /dev/shm"
-    assert "8265:8265" in services[head]["ports"]
+    assert "127.0.0.1:8265:8265" in services[head]["ports"]
 
     mlflow = [s for s in services.values() if _command(s)[:2] == ["mlflow", "server"]]
     s3 = [n for n, s in services.items() if "minio/minio" in str(s.get("image"))]
     assert len(mlflow) == 1 and len(s3) == 1
+
+
+def test_compose_listens_on_localhost_only_and_ray_demands_its_token():
+    """Every published port is bound to 127.0.0.1 (a Ray cluster runs the code it is sent); every Ray node runs with
+    token auth, the token from the user's environment (compose refuses to start without it)."""
+    services = _compose()["services"]
+    published = [(name, str(port)) for name, s in services.items() for port in s.get("ports", [])]
+    assert published and all(port.startswith("127.0.0.1:") for _, port in published), published
+    for name, s in services.items():
+        if _command(s)[:2] == ["ray", "start"]:
+            env = s["environment"]
+            assert env["RAY_AUTH_MODE"] == "token", name
+            assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name  # required, never a default
 
 
 def test_compose_credentials_and_endpoints_agree():

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import penni
-from tests.helpers import has_train_checkpoint
+from tests.helpers import has_train_checkpoint, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,18 +136,6 @@ def _run_to_end(storage: Path, log: Path) -> str:
     return log.read_text()
 
 
-def _timed(key: str) -> bool:
-    """A value measured with a clock (latencies, speedups, per-layer timings) or chosen by one (the
-    inference plan keeps whichever form was fastest): it differs between any two runs."""
-    return "latency" in key or key.endswith("_ms") or key == "inference_plans"
-
-
-def _without_latency(obj):
-    if isinstance(obj, dict):
-        return {k: _without_latency(v) for k, v in obj.items() if not _timed(k)}
-    return obj
-
-
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return penni.load(path).state_dict()
 
@@ -172,4 +160,4 @@ def test_driver_killed_in_each_training_stage_resumes_to_the_same_result(tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     want = json.loads((reference / "tiny" / "evaluate" / "evaluation.json").read_text())
     got = json.loads((killed / "tiny" / "evaluate" / "evaluation.json").read_text())
-    assert _without_latency(got) == _without_latency(want)
+    assert without_timings(got) == without_timings(want)

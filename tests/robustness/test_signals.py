@@ -1,11 +1,14 @@
 """SIGTERM (what Kubernetes, Slurm and systemd send) stops a run as cleanly as Ctrl-C: exit 143 with the resume
-hint, no lock left, the MLflow parent run ended as KILLED, no process of the run left behind, and the re-run
-finishes. With Ray (during retrain, once Ray Train has a checkpoint) and in-process (during retrain).
+hint, no lock left, the stage not published, the MLflow parent run ended as KILLED, no process of the run left
+behind; and after a SIGTERM in retrain and another in fine-tuning, the re-run ends with the same
+``evaluation.json`` (timings aside) as an uninterrupted run. With Ray (each signal once Ray Train has a checkpoint
+of the stage) and in-process.
 
 Before ``pipeline.cli.launch.stop_cleanly_on_sigterm``, Ray's own handler made the driver exit mid-call and it
 aborted (exit 134)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import has_train_checkpoint
+from tests.helpers import has_train_checkpoint, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OVERRIDES = ("baseline.epochs=1", "retrain.epochs=4", "finetune.epochs=1")
+OVERRIDES = ("baseline.epochs=1", "retrain.epochs=3", "finetune.epochs=3")
 
 
 def _command(storage: Path, extra: tuple[str, ...]) -> list[str]:
@@ -50,11 +53,14 @@ def _session_alive(sid: int) -> set[int]:
     return alive
 
 
-def _in_retrain(root: Path, use_ray: bool) -> bool:
-    """retrain is running: with Ray, once Ray Train recorded a checkpoint of it; in-process, once its epoch runs."""
-    if not (root / "decompose" / "manifest.json").exists():
+BEFORE = {"retrain": "decompose", "finetune": "prune"}  # the stage each signalled stage starts after
+
+
+def _in_stage(root: Path, stage: str, use_ray: bool) -> bool:
+    """``stage`` is running: with Ray, once Ray Train recorded a checkpoint of it; in-process, once it started."""
+    if not (root / BEFORE[stage] / "manifest.json").exists():
         return False
-    return has_train_checkpoint(root, "retrain") if use_ray else True
+    return has_train_checkpoint(root, stage) if use_ray else True
 
 
 def _kill_session(sid: int) -> None:
@@ -75,19 +81,17 @@ def _parent_run_status(root: Path) -> str:
     return runs[0].info.status
 
 
-@pytest.mark.parametrize("use_ray", [True, False], ids=["ray", "in_process"])
-def test_sigterm_during_retrain_stops_cleanly_and_the_rerun_finishes(tmp_path, use_ray):
-    storage, log = tmp_path / "runs", tmp_path / "driver.log"
-    extra = () if use_ray else ("ray.in_process=true",)
+def _terminate_during(stage: str, storage: Path, extra: tuple[str, ...], use_ray: bool, log: Path) -> None:
+    """Start the run, SIGTERM its driver while ``stage`` runs, and check that it stopped cleanly."""
     root = storage / "tiny"
     with open(log, "w") as out:
         driver = subprocess.Popen(_command(storage, extra), cwd=REPO_ROOT, env=_env(), stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and driver.poll() is None and not _in_retrain(root, use_ray):
+        while time.monotonic() < deadline and driver.poll() is None and not _in_stage(root, stage, use_ray):
             time.sleep(0.1)
-        assert driver.poll() is None, f"the run ended before retrain:\n{log.read_text()[-3000:]}"
+        assert driver.poll() is None, f"the run ended before {stage}:\n{log.read_text()[-3000:]}"
         os.kill(driver.pid, signal.SIGTERM)
         code = driver.wait(timeout=120)
         text = log.read_text()
@@ -95,7 +99,7 @@ def test_sigterm_during_retrain_stops_cleanly_and_the_rerun_finishes(tmp_path, u
         assert "interrupted: re-run the same command to resume" in text
         assert "Traceback" not in text, text[-3000:]
         assert not (root / ".lock").exists(), "the lock was left behind"
-        assert not (root / "retrain" / "manifest.json").exists(), "retrain was published although it was stopped"
+        assert not (root / stage / "manifest.json").exists(), f"{stage} was published although it was stopped"
         deadline = time.monotonic() + 60
         while _session_alive(driver.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -105,7 +109,21 @@ def test_sigterm_during_retrain_stops_cleanly_and_the_rerun_finishes(tmp_path, u
         if driver.poll() is None:
             driver.kill()
         _kill_session(driver.pid)
-    rerun = subprocess.run(_command(storage, extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=600, start_new_session=True)
-    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
-    assert (root / "report" / "manifest.json").exists()
+
+
+def _run_to_end(storage: Path, extra: tuple[str, ...]) -> dict:
+    """The run to its end; its ``evaluation.json`` without timings."""
+    done = subprocess.run(_command(storage, extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return without_timings(json.loads((storage / "tiny" / "evaluate" / "evaluation.json").read_text()))
+
+
+@pytest.mark.parametrize("use_ray", [True, False], ids=["ray", "in_process"])
+def test_sigterm_in_retrain_and_finetune_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(tmp_path, use_ray):
+    extra = () if use_ray else ("ray.in_process=true",)
+    want = _run_to_end(tmp_path / "uninterrupted", extra)
+    storage = tmp_path / "runs"
+    for stage in ("retrain", "finetune"):
+        _terminate_during(stage, storage, extra, use_ray, tmp_path / f"terminated-in-{stage}.log")
+    assert _run_to_end(storage, extra) == want
