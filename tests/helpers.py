@@ -85,3 +85,33 @@ def without_timings(obj):
     if isinstance(obj, dict):
         return {k: without_timings(v) for k, v in obj.items() if not _timed(k)}
     return obj
+
+
+def pipeline_run_status(root: Path) -> str:
+    """The status of the one MLflow pipeline (parent) run in the run root's default SQLite store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("penni")
+    assert experiment is not None, f"no experiment 'penni' in {root / 'mlflow.db'}"
+    runs = client.search_runs([experiment.experiment_id], "tags.`penni.role` = 'pipeline'")
+    assert len(runs) == 1, f"expected one pipeline run, found {len(runs)}"
+    return runs[0].info.status
+
+
+def assert_stopped_cleanly(driver, log: Path, root: Path, stage: str, alive) -> None:
+    """After a SIGTERM to ``driver``: exit 143 with the resume hint and no traceback, no lock, ``stage`` not
+    published, no process of the run left (``alive(pid)``: its live processes), the MLflow parent run KILLED."""
+    import time
+
+    code = driver.wait(timeout=120)
+    text = log.read_text()
+    assert code == 143, f"exit {code}:\n{text[-3000:]}"
+    assert "interrupted: re-run the same command to resume" in text and "Traceback" not in text, text[-3000:]
+    assert not (root / ".lock").exists(), "the lock was left behind"
+    assert not (root / stage / "manifest.json").exists(), f"{stage} was published although it was stopped"
+    deadline = time.monotonic() + 60
+    while alive(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(driver.pid), "processes of the stopped run are still alive"
+    assert pipeline_run_status(root) == "KILLED"

@@ -40,11 +40,31 @@ def stop_cleanly_on_sigterm() -> None:
 
 
 _SIGTERM_RECEIVED: list[bool] = []  # set by the handler: code that re-raises a plain KeyboardInterrupt loses the type
+_DEFERRED: list[bool] = []
+# Libraries whose state an exception raised in the middle of a call leaves half-done (an open SQLite cursor that
+# SQLAlchemy then fails to close, with a traceback): SIGTERM waits until the call has returned.
+UNINTERRUPTIBLE = ("sqlalchemy", "mlflow", "alembic", "sqlite3")
+DEFER_STEP_S, DEFER_MAX = 0.05, 200  # re-check every 50 ms, for at most 10 s
+
+
+def _inside_uninterruptible(frame: Any) -> bool:
+    """Whether the interrupted code runs inside one of ``UNINTERRUPTIBLE`` (any frame of its stack)."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).split(".")[0] in UNINTERRUPTIBLE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     import signal
+    import threading
 
+    if _inside_uninterruptible(frame) and len(_DEFERRED) < DEFER_MAX:
+        _DEFERRED.append(True)  # deliver it again shortly, once the database call has returned
+        main = threading.main_thread().ident  # to the main thread itself, so that a blocking call there wakes up
+        threading.Timer(DEFER_STEP_S, signal.pthread_kill, (main, signal.SIGTERM)).start()
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one request is enough: let the clean-up finish
     _SIGTERM_RECEIVED.append(True)
     raise Terminated()

@@ -10,6 +10,10 @@ LR schedule and best-so-far model come back from the checkpoint). Training stage
 instead of tiny's 1, so that a kill lands between two checkpoints of the stage.
 
 Every process of a killed driver (its Ray node included) is killed before the re-run, and at the end.
+
+A second storage gets SIGTERM (what Kubernetes, Slurm and systemd send) during ``retrain`` and then during
+``finetune``: each a clean stop (exit 143, no lock, no traceback, the MLflow run KILLED, no process left), and the
+last re-run again ends where the uninterrupted run ends. The in-process variant is ``test_signals.py``.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import pytest
 import torch
 
 import penni
-from tests.helpers import has_train_checkpoint, without_timings
+from tests.helpers import assert_stopped_cleanly, has_train_checkpoint, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +131,19 @@ def _run_and_kill_during(storage: Path, stage: str, log: Path) -> str:
     return log.read_text()
 
 
+def _run_and_terminate_during(storage: Path, stage: str, log: Path) -> None:
+    """Start the pipeline; SIGTERM its driver once ``stage`` has a Ray Train checkpoint: it must stop cleanly (exit
+    143 with the resume hint, no traceback, no lock, the stage unpublished, the MLflow run KILLED, no process left)."""
+    root = storage / "tiny"
+    driver = _run_driver(storage, log, lambda: has_train_checkpoint(root, stage), poll=0.05)
+    try:
+        assert driver.poll() is None, f"the pipeline ended before {stage} checkpointed:\n{log.read_text()[-3000:]}"
+        os.kill(driver.pid, signal.SIGTERM)
+        assert_stopped_cleanly(driver, log, root, stage, _in_session)
+    finally:
+        _kill_tree(driver, driver.known)
+
+
 def _run_to_end(storage: Path, log: Path) -> str:
     driver = _run_driver(storage, log, lambda: False, poll=0.5)
     try:
@@ -140,7 +157,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return penni.load(path).state_dict()
 
 
-def test_driver_killed_in_each_training_stage_resumes_to_the_same_result(tmp_path):
+def test_driver_killed_or_terminated_in_each_training_stage_resumes_to_the_same_result(tmp_path):
     reference = tmp_path / "uninterrupted"
     _run_to_end(reference, tmp_path / "uninterrupted.log")
 
@@ -160,4 +177,13 @@ def test_driver_killed_in_each_training_stage_resumes_to_the_same_result(tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     want = json.loads((reference / "tiny" / "evaluate" / "evaluation.json").read_text())
     got = json.loads((killed / "tiny" / "evaluate" / "evaluation.json").read_text())
+    assert without_timings(got) == without_timings(want)
+
+    # SIGTERM (what schedulers send) in retrain, then in fine-tuning: a clean stop each time, the same result
+    terminated = tmp_path / "terminated"
+    for stage in ("retrain", "finetune"):
+        _run_and_terminate_during(terminated, stage, tmp_path / f"terminated-in-{stage}.log")
+    rerun = _run_to_end(terminated, tmp_path / "after-sigterms.log")
+    assert "[finetune] resuming from epoch" in rerun, rerun[-3000:]
+    got = json.loads((terminated / "tiny" / "evaluate" / "evaluation.json").read_text())
     assert without_timings(got) == without_timings(want)
