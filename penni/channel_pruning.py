@@ -366,7 +366,7 @@ def _prune_to_latency(view: nn.Module, graph: ChannelGraph, units: list, scores:
     def select(goal: float) -> tuple[bool, float]:
         cost = sum(lc.value() for lc in layers.values())
         taken = greedy_by_ratio(queues, lambda c: c[0], lambda c: _chunk_saving(c, layers),
-                                lambda c: _chunk_saving(c, layers, apply=True), cost - total * goal)
+                                lambda c: _chunk_saving(c, layers, apply=True), cost - total * goal, 1e-9 * total)
         chosen.extend(g for chunk in taken for g in chunk[1])
         return bool(taken), sum(lc.value() for lc in layers.values()) / total
 
@@ -491,6 +491,7 @@ def prune_channels(
             report.widths[name] = (lc.out, lc.kept_out)
     if report.reduction < target - slack:
         warnings.warn(f"prune_channels reached only {100 * report.reduction:.1f}% fewer {cost} "
-                      f"(target {100 * target:.1f}%): the remaining channels are frozen or the last of their layer",
+                      f"(target {100 * target:.1f}%): the remaining channels are frozen, the last of their layer"
+                      + (", or save no latency on this device (its floor)" if cost == "latency" else ""),
                       RuntimeWarning, stacklevel=2)
     return report

@@ -4,12 +4,13 @@
 each batch size, as a plain layer with ``kept_out`` x ``kept_in`` channels for a few fractions of its widths
 (rounded to ``round_to``), in eager PyTorch (``runtime="torch"``) or in ONNX Runtime's CPU provider (one single-layer
 ONNX graph per grid point). :meth:`LatencyTable.layer_ms` interpolates bilinearly between the grid points. Tables are
-cached as JSON files keyed by device, runtime, batch sizes, dtype, grid and the model's layer shapes, so sweeps reuse
+cached as JSON files keyed by device, runtime, batch sizes, dtype, memory format, grid and the model's layer shapes, so sweeps reuse
 them. ``measure`` (the timing of one module on its inputs) is injectable: tests pass a deterministic one.
 """
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import heapq
 import json
@@ -58,6 +59,7 @@ class LatencySettings:
     batch_sizes: tuple[int, ...] = (1,)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    channels_last: bool = False  # eager PyTorch only: layers, models and inputs in torch.channels_last
     grid: tuple[float, ...] = DEFAULT_GRID
     round_to: int | None = None  # None: default_round_to(runtime, device, dtype)
     repeats: int = 5
@@ -77,6 +79,9 @@ class LatencySettings:
             raise ValueError(f"statistic must be 'min' or 'median', got {self.statistic!r}")
         if self.runtime == "onnxruntime" and not str(self.device).startswith("cpu"):
             raise ValueError("runtime 'onnxruntime' is measured on the CPU provider: use device='cpu'")
+        if self.runtime == "onnxruntime" and (self.channels_last or self.dtype != torch.float32):
+            raise ValueError("runtime 'onnxruntime' is measured in float32 and its own layout: "
+                             "leave dtype=torch.float32 and channels_last=False")
 
     @property
     def multiple(self) -> int:
@@ -251,12 +256,29 @@ def _samples(fn: Callable[[], Any], repeats: int, device: str) -> list[float]:
     return found
 
 
+def _placed(module: nn.Module, inputs: tuple, settings: LatencySettings) -> tuple[nn.Module, tuple]:
+    """``module`` and ``inputs`` on the settings' device, in its dtype and memory format; the module is copied
+    first when that changes its parameters, so the caller's model is never cast in place."""
+    fmt = torch.channels_last if settings.channels_last else torch.preserve_format
+    first = next(iter(module.parameters()), None)
+    if first is not None and (first.dtype != settings.dtype or settings.channels_last):
+        module = copy.deepcopy(module)
+    module = module.to(settings.device, settings.dtype).eval()
+    if settings.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    def place(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(settings.device, settings.dtype if x.is_floating_point() else x.dtype)
+        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+    return module, tuple(place(x) for x in inputs)
+
+
 def time_module(module: nn.Module, inputs: tuple, settings: LatencySettings) -> float:
     """Milliseconds of ``module(*inputs)`` in the settings' runtime (ONNX Runtime: a fixed-batch ONNX export), by
-    ``settings.statistic`` over ``settings.repeats`` runs."""
+    ``settings.statistic`` over ``settings.repeats`` runs; eager PyTorch in the settings' dtype and memory format."""
     if settings.runtime == "torch":
-        module = module.to(settings.device).eval()
-        inputs = tuple(x.to(settings.device) for x in inputs)
+        module, inputs = _placed(module, inputs, settings)
         samples = _samples(lambda: module(*inputs), settings.repeats, settings.device)
     else:
         import onnxruntime as ort
@@ -275,6 +297,7 @@ def _cache_key(settings: LatencySettings, specs: dict[str, LayerSpec]) -> dict:
     measure = settings.measure
     return {"device": device_name(settings.device), "runtime": settings.runtime,
             "batch_sizes": list(settings.batch_sizes), "dtype": str(settings.dtype), "grid": list(settings.grid),
+            "channels_last": settings.channels_last,
             "round_to": settings.multiple, "repeats": settings.repeats, "statistic": settings.statistic,
             "measure": None if measure is None else f"{measure.__module__}.{getattr(measure, '__qualname__', '')}",
             "layers": hashlib.sha256("\n".join(sorted({s.key() for s in specs.values()})).encode()).hexdigest()}
@@ -338,13 +361,14 @@ def measure_model(model: nn.Module, example_inputs: Any, settings: LatencySettin
 
 
 def greedy_by_ratio(queues: Sequence[deque], score: Callable[[Any], float], saving: Callable[[Any], float | None],
-                    take: Callable[[Any], float], remaining: float) -> list:
+                    take: Callable[[Any], float], remaining: float, min_saving: float = 0.0) -> list:
     """Take queue heads (each queue in its order, consumed in place) by least ``score`` per ``saving`` while
     ``remaining > 0`` (a lazy greedy: a head's saving is recomputed when it comes up); ``take`` removes an item and
-    returns what it saved; a head whose saving is None ends its queue. Returns the items taken."""
+    returns what it saved; a head whose saving is None or at most ``min_saving`` ends its queue (removing it would
+    cost accuracy for nothing: an unreachable ``remaining`` must not prune everything). Returns the items taken."""
     def key(q: int) -> float | None:
         saved = saving(queues[q][0]) if queues[q] else None
-        return None if saved is None else score(queues[q][0]) / max(saved, 1e-12)
+        return None if saved is None or saved <= min_saving else score(queues[q][0]) / max(saved, 1e-12)
 
     heap = [(k, q) for q in range(len(queues)) if (k := key(q)) is not None]
     heapq.heapify(heap)

@@ -160,3 +160,47 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def floored_ms(module: nn.Module, inputs: tuple) -> float:
+    """A launch-bound device: every layer costs what it would at 32 channels once it is narrower (GPU-like)."""
+    found = []
+
+    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        per_in = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
+        pixels = out[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+        found.append(0.02 + out.shape[0] * pixels * max(out.shape[1], 32) * max(per_in, 32) * 1e-6)
+
+    shapes = copy.deepcopy(module).to("meta")
+    for m in shapes.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        shapes(*(x.to("meta") for x in inputs))
+    return sum(found)
+
+
+def test_unreachable_target_prunes_only_what_saves_latency(resnet18):
+    """A speed-up the device cannot give (most of the latency is a floor no width removes) must not prune channels
+    that save nothing: the selection stops where the table's savings end instead of emptying every layer."""
+    model, x = copy.deepcopy(resnet18), torch.randn(2, 3, 32, 32)
+    settings = LatencySettings(batch_sizes=(1,), measure=floored_ms, grid=(0.125, 0.25, 0.5, 0.75, 1.0))
+    report = penni.prune_channels(model, 0.95, x, cost="latency", latency=settings)
+    small = penni.shrink(model, x)
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert min(widths) >= 32, widths  # below 32 channels nothing is faster: nothing pruned there
+    assert report.latency["speedup"][1] < 1 / (1 - 0.95)  # the target was out of reach, and says so
+    assert report.latency["rounds"] <= settings.rounds
+
+
+def test_timing_in_another_dtype_and_layout_leaves_the_model_alone():
+    """bf16 / channels-last timings run on a copy: the caller's float32 model is not cast in place."""
+    from penni.latency import time_module
+
+    model, x = small_net(), torch.randn(1, 3, 8, 8)
+    settings = LatencySettings(dtype=torch.bfloat16, channels_last=True, repeats=1)
+    assert time_module(model, (x,), settings) > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model[0].weight.is_contiguous()
+    with pytest.raises(ValueError, match="float32"):
+        LatencySettings(runtime="onnxruntime", dtype=torch.bfloat16)
