@@ -240,9 +240,15 @@ def device_name(device: str) -> str:
     return f"cpu:{model}:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
 
 
+#: On a GPU each sample is this many back-to-back calls, one synchronization, divided: a layer inside a model runs
+#: queued behind the one before it, so timing it alone with a sync per call would count launch latency it never pays.
+GPU_CALLS_PER_SAMPLE = 10
+
+
 def _samples(fn: Callable[[], Any], repeats: int, device: str) -> list[float]:
-    """Milliseconds of ``repeats`` calls of ``fn`` after two warm-up calls."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    """Milliseconds per call of ``fn``, ``repeats`` samples after two warm-up calls (see GPU_CALLS_PER_SAMPLE)."""
+    cuda = str(device).startswith("cuda")
+    sync, calls = (torch.cuda.synchronize, GPU_CALLS_PER_SAMPLE) if cuda else ((lambda: None), 1)
     with torch.inference_mode():
         for _ in range(2):
             fn()
@@ -250,9 +256,10 @@ def _samples(fn: Callable[[], Any], repeats: int, device: str) -> list[float]:
         found = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             sync()
-            found.append((time.perf_counter() - t0) * 1e3)
+            found.append((time.perf_counter() - t0) * 1e3 / calls)
     return found
 
 
