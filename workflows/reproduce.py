@@ -17,6 +17,7 @@ interrupted training stage resumes from its last epoch checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -91,12 +92,12 @@ SCALES: dict[str, Scale] = {
         overrides=("data.train_subset=5000", "data.val_subset=1000", "data.test_subset=null", "data.batch_size=128",
                    "data.loader_workers=0", "baseline.epochs=15", "baseline.lr=0.05", "retrain.epochs=12",
                    "retrain.lr=0.02", "retrain.l1=1e-3", "retrain.group_l1=5e-3", "prune.rule=channels+std",
-                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.6", "finetune.epochs=15", "finetune.lr=0.02",
+                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.75", "finetune.epochs=15", "finetune.lr=0.02",
                    "evaluate.latency_batch_sizes=[1,64]", "evaluate.latency_repeats=20"),
         note="REDUCED: VGG16 with every conv at 1/4 width (16..128 channels), 5,000 training images "
              "(class-balanced subset), 1,000 validation images held out of the training set, the full "
              "10,000-image test split, 32x32; epochs baseline 15 / retrain 12 / fine-tune 15; the short schedule "
-             "uses a stronger sparsity recipe than the paper (L1 1e-3 + group lasso 5e-3, channels to -60% dense "
+             "uses a stronger sparsity recipe than the paper (L1 1e-3 + group lasso 5e-3, channels to -75% dense "
              "MACs, then the std rule at s=1.25) instead of the paper's L1 1e-4 over 100 epochs"),
     "tiny": Scale(
         models=("vgg16",), width=0.125, round_to=None,
@@ -118,9 +119,9 @@ def config_fields(section: str) -> set[str]:
     return set(to_dict(getattr(PipelineConfig(), section)))
 
 
-def build_config(model: str, scale: Scale, device: str, work: Path, extra: tuple[str, ...] = ()):
-    """The model's pipeline config with the scale's overrides, the device and this run's storage."""
-    overrides = [*COMMON_OVERRIDES, *scale.overrides, f"storage={work}", f"name=reproduce_{model}",
+def build_config(model: str, scale: Scale, device: str, work: Path, extra: tuple[str, ...] = (), seed: int = 0):
+    """The model's pipeline config with the scale's overrides, the device, the seed and this run's storage."""
+    overrides = [*COMMON_OVERRIDES, *scale.overrides, f"storage={work}", f"name=reproduce_{model}", f"seed={seed}",
                  f"ray.use_gpu={'true' if device == 'cuda' else 'false'}"]
     if "loader" in config_fields("data"):
         overrides.append(f"data.loader={'device' if device == 'cuda' or scale is SCALES['tiny'] else 'auto'}")
@@ -137,7 +138,7 @@ def initial_checkpoint(model: str, scale: Scale, cfg, work: Path) -> Path | None
     if model != "vgg16":
         raise ValueError(f"width-reduced models are VGG16 only; got {model}")
     torch.manual_seed(cfg.seed)
-    path = work / f"{model}_init_w{scale.width:g}.safetensors"
+    path = work / f"{model}_init_w{scale.width:g}_seed{cfg.seed}.safetensors"
     if not path.exists():
         work.mkdir(parents=True, exist_ok=True)
         penni.save(vgg16_width(scale.width, cfg.model.in_channels, cfg.model.num_classes), path)
@@ -178,15 +179,16 @@ def run_stage(cfg, stage: str, inputs: dict[str, Path], out_dir: Path) -> dict:
     return metrics
 
 
-def schedule(model: str, scale: Scale, device: str, work: Path) -> dict[str, Any]:
+def schedule(model: str, scale: Scale, device: str, work: Path, seed: int = 0) -> dict[str, Any]:
     """The paper's schedule, then the branches (distillation, channel rule, Torch-Pruning) from its checkpoints."""
     from reproduce_compare import compare_models, torch_pruning_branch
 
+    config = functools.partial(build_config, seed=seed)  # every config of this schedule: the same seed
     base_dir = work / model
-    cfg = build_config(model, scale, device, work)
+    cfg = config(model, scale, device, work)
     init = initial_checkpoint(model, scale, cfg, work)
     if init is not None:
-        cfg = build_config(model, scale, device, work, (f"baseline.checkpoint={init}",))
+        cfg = config(model, scale, device, work, (f"baseline.checkpoint={init}",))
     d: dict[str, Path] = {}
     metrics: dict[str, dict] = {}
     for stage, needs in stage_order():
@@ -194,11 +196,11 @@ def schedule(model: str, scale: Scale, device: str, work: Path) -> dict[str, Any
         metrics[stage] = run_stage(cfg, stage, {n: d[n] for n in needs}, d[stage])
     branches = {"penni": d["shrink"]}
     if "distill" in config_fields("finetune"):
-        dcfg = build_config(model, scale, device, work, (*_init_override(init), "finetune.distill=true"))
+        dcfg = config(model, scale, device, work, (*_init_override(init), "finetune.distill=true"))
         out = _branch(dcfg, base_dir / "distill", {"prune": d["prune"], "baseline": d["baseline"]})
         branches["penni_distill"], metrics["distill"] = out
     target = 1.0 - metrics["shrink"]["dense_macs_after"] / metrics["shrink"]["dense_macs_before"]
-    ccfg = build_config(model, scale, device, work, (*_init_override(init), "prune.rule=channels",
+    ccfg = config(model, scale, device, work, (*_init_override(init), "prune.rule=channels",
                                                       f"prune.target_dense_macs_reduction={min(max(target, 0.01), 0.99):.4f}"))
     prune_dir = base_dir / "channels" / "prune"
     metrics["channels_prune"] = run_stage(ccfg, "prune", {"retrain": d["retrain"]}, prune_dir)
@@ -254,9 +256,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="gpu: full size; cpu: reduced; tiny: smoke test")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda for --scale gpu, else cpu")
     p.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=None, help="default: the scale's models")
-    p.add_argument("--work", type=Path, default=None, help="checkpoints (default: penni_runs/reproduce_<scale>)")
+    p.add_argument("--seed", type=int, default=0, help="the pipeline's seed (initial weights, data order, subsets)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="checkpoints (default: penni_runs/reproduce_<scale>, with _seed<N> for --seed N > 0)")
     p.add_argument("--out", type=Path, default=None,
-                   help="result files (default: benchmarks/results/reproduce_<scale>)")
+                   help="result files (default: benchmarks/results/reproduce_<scale>, with _seed<N> for N > 0)")
     p.add_argument("--write-docs", action="store_true", help="only regenerate docs/results.md from the result files")
     p.add_argument("--docs", type=Path, default=REPO_ROOT / "docs" / "results.md", help="where --write-docs writes")
     return p.parse_args(argv)
@@ -279,15 +283,19 @@ def main(argv: list[str] | None = None) -> int:
               "or pip install torch-pruning", file=sys.stderr)
         return 2
     scale = SCALES[args.scale]
-    work = (args.work or REPO_ROOT / "penni_runs" / f"reproduce_{args.scale}").resolve()
-    out = (args.out or RESULTS_DIR / f"reproduce_{args.scale}").resolve()
+    if args.seed < 0:
+        print(f"error: --seed must be a non-negative integer, got {args.seed}", file=sys.stderr)
+        return 2
+    suffix = f"_seed{args.seed}" if args.seed else ""
+    work = (args.work or REPO_ROOT / "penni_runs" / f"reproduce_{args.scale}{suffix}").resolve()
+    out = (args.out or RESULTS_DIR / f"reproduce_{args.scale}{suffix}").resolve()
     command = "python workflows/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     models = args.models or scale.models
     runs: dict[str, Any] = {}
     for model in models:  # results after each model, so a time-limited run keeps what finished
-        runs[model] = schedule(model, scale, device, work)
-        results = {"scale": args.scale, "note": scale.note, "command": command.strip(), "device": device,
+        runs[model] = schedule(model, scale, device, work, args.seed)
+        results = {"scale": args.scale, "seed": args.seed, "note": scale.note, "command": command.strip(), "device": device,
                    "machine": machine(), "wall_seconds": time.perf_counter() - t0, "models": runs,
                    "models_not_run": [m for m in models if m not in runs]}
         write_results(results, out)

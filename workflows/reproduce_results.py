@@ -172,12 +172,37 @@ def write_docs(results_dir: Path, docs_path: Path) -> Path:
     for i, (scale, path) in enumerate(found.items()):
         results = json.loads(path.read_text())
         parts.append(scale_markdown(results, _relative_prefix(docs_path, path.parent), seed_table=i == 0))
+        others = sorted(results_dir.glob(f"reproduce_{scale}_seed*/results.json"))
+        if others:
+            parts.append(seeds_markdown([results] + [json.loads(o.read_text()) for o in others]))
         notes = path.parent / "NOTES.md"  # how the run was made, where the results file cannot say (no numbers)
         if notes.exists():
             parts.append(notes.read_text())
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     docs_path.write_text("\n".join(parts))
     return docs_path
+
+
+def seeds_markdown(runs: list[dict[str, Any]]) -> str:
+    """One scale's runs with different ``--seed``s side by side: test top-1 and dense MACs of PENNI and TP."""
+    lines = [f"### Seeds (scale `{runs[0]['scale']}`)\n",
+             "Every seed is the whole schedule again (initial weights, subsets, data order); the section above is seed "
+             f"{runs[0].get('seed', 0)}.\n",
+             "| seed | model | baseline top-1 % | PENNI top-1 % (pt) | PENNI dense MACs removed % | "
+             "TP top-1 % (pt) | TP dense MACs removed % | wall time |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        for model, entry in run["models"].items():
+            t = entry["table"]
+            base, pen, tp = t["baseline"], t["penni"], t["torch_pruning"]
+
+            def cell(row: dict) -> str:
+                return (f"{100 * row['test_top1']:.2f} ({100 * (row['test_top1'] - base['test_top1']):+.2f}) | "
+                        f"{100 * (1 - row['dense_macs'] / base['dense_macs']):.1f}")
+
+            lines.append(f"| {run.get('seed', 0)} | {model} | {100 * base['test_top1']:.2f} | {cell(pen)} | "
+                         f"{cell(tp)} | {run['wall_seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
 
 
 def _rel(path: Path) -> str:
