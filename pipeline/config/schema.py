@@ -329,8 +329,10 @@ class CompressConfig(_Section):
     # cumulative dense-MAC reductions of the retrained model's cost, one per step; capped at
     # prune.target_dense_macs_reduction (which becomes the last step) when that is set
     steps: list[Fraction] = Field(default_factory=lambda: [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], min_length=1)
-    step_epochs: PosInt = 2  # fine-tuning per step (the finetune section's optimizer and distillation)
-    step_lr: PosFloat = 0.005  # its learning rate: lower than finetune.lr, a short run must not undo the step
+    # fine-tuning per step (the finetune section's optimizer and distillation); null: a quarter of finetune.epochs
+    # (at least 1), so data that needs a longer fine-tuning gets longer steps
+    step_epochs: Optional[PosInt] = None
+    step_lr: Optional[PosFloat] = None  # null: finetune.lr / 4 (a short run must not undo the step)
 
     def problems(self) -> list[tuple[str, str]]:
         steps = list(self.steps)
@@ -414,7 +416,7 @@ def _runaway_values(cfg: "PipelineConfig") -> list[tuple[str, str]]:
 
     for section in ("baseline", "retrain", "finetune"):
         over(f"{section}.epochs", getattr(cfg, section).epochs, lim.max_epochs, "max_epochs", "epochs")
-    over("compress.step_epochs", cfg.compress.step_epochs, lim.max_epochs, "max_epochs", "epochs")
+    over("compress.step_epochs", cfg.compress.step_epochs or 0, lim.max_epochs, "max_epochs", "epochs")
     over("data.image_size", cfg.data.image_size, lim.max_image_size, "max_image_size", "pixels per side")
     over("data.loader_workers", cfg.data.loader_workers, lim.max_loader_workers, "max_loader_workers", "processes")
     over("data.synthetic_size", cfg.data.synthetic_size, lim.max_synthetic_examples, "max_synthetic_examples",

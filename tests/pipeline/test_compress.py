@@ -197,3 +197,18 @@ def test_a_note_is_shown_once_per_display():
 
 if __name__ == "__main__":  # the process the SIGKILL test kills: the prune stage with every step within budget
     run_prune_stage(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), budget=100.0)
+
+
+def test_steps_are_held_to_the_lower_of_baseline_and_start_and_scale_with_fine_tuning():
+    """The retraining's penalty can cost points the full fine-tuning wins back: a step is held to the lower of the
+    baseline and the model the steps start from; the step length and rate follow the finetune section."""
+    from pipeline.stages.compress import step_epochs, step_lr, step_reference
+
+    assert step_reference(0.89, 0.878) == 0.878 and step_reference(0.85, 0.86) == 0.85
+    quick = load_config(None)
+    assert (step_epochs(quick), step_lr(quick)) == (2, pytest.approx(0.005))  # the quickstart's measured values
+    longer = load_config(None, ["finetune.epochs=15", "finetune.lr=0.04"])
+    assert (step_epochs(longer), step_lr(longer)) == (4, pytest.approx(0.01))
+    assert step_epochs(load_config(None, ["finetune.epochs=1"])) == 1
+    fixed = load_config(None, ["compress.step_epochs=3", "compress.step_lr=0.001"])
+    assert (step_epochs(fixed), step_lr(fixed)) == (3, 0.001)
