@@ -43,7 +43,7 @@ from pipeline import console  # noqa: E402
 from pipeline.config.loading import load_config, to_dict  # noqa: E402
 from pipeline.stages.functions import StageContext  # noqa: E402
 from pipeline.stages.table import STAGE_TABLE, stage_function  # noqa: E402
-from pipeline.training.distributed import run_training  # noqa: E402
+from pipeline.training.distributed import run_training, training_run_name  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 NARROW_VGG16 = "penni_reproduce:vgg16_width"
@@ -168,7 +168,9 @@ def run_stage(cfg, stage: str, inputs: dict[str, Path], out_dir: Path) -> dict:
     staging.mkdir(parents=True)
 
     def train(job):
-        return run_training(job, use_ray=False, run_name=stage, storage=(str(scratch), None), num_workers=1,
+        # one run directory per job: the prune stage's budget steps each train, and must not resume each other
+        return run_training(job, use_ray=False, run_name=training_run_name(job.stage, key, job.input_model),
+                            storage=(str(scratch), None), num_workers=1,
                             use_gpu=cfg.ray.use_gpu, cpus_per_worker=1.0, max_failures=0, local_dir=scratch)
 
     t0 = time.perf_counter()

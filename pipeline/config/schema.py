@@ -314,7 +314,7 @@ class PruneConfig(_Section):
 class FinetuneConfig(TrainConfig):
     """Recover accuracy with the pruning masks held, optionally distilling from the retrained model."""
 
-    epochs: PosInt = 8  # at least one: the stage's model is its best epoch's checkpoint
+    epochs: PosInt = 10  # at least one: the stage's model is its best epoch's checkpoint
     lr: PosFloat = 0.02
     distill: bool = False
     distill_temperature: PosFloat = 4.0

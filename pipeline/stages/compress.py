@@ -100,8 +100,9 @@ def compress_steps(cfg: Any) -> list[float]:
 
 
 def step_epochs(cfg: Any) -> int:
-    """Fine-tuning epochs per step: ``compress.step_epochs``, else a quarter of ``finetune.epochs`` (at least 1)."""
-    return cfg.compress.step_epochs or max(1, (cfg.finetune.epochs + 2) // 4)
+    """Fine-tuning epochs per step: ``compress.step_epochs``, else a quarter of ``finetune.epochs``, rounded (Python's
+    round: 10 -> 2, 15 -> 4), at least 1."""
+    return cfg.compress.step_epochs or max(1, round(cfg.finetune.epochs / 4))
 
 
 def step_lr(cfg: Any) -> float:

@@ -63,7 +63,7 @@ def test_defaults_equal_quickstart():
     assert load_config(None) == load_config("quickstart")
     cfg = PipelineConfig()
     assert cfg.model.arch == "fashion_cnn"
-    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (5, 5, 8)
+    assert (cfg.baseline.epochs, cfg.retrain.epochs, cfg.finetune.epochs) == (5, 5, 10)
     assert isinstance(cfg.finetune, TrainConfig)
 
 
