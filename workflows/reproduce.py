@@ -92,16 +92,13 @@ SCALES: dict[str, Scale] = {
         overrides=("data.train_subset=5000", "data.val_subset=1000", "data.test_subset=null", "data.batch_size=128",
                    "data.loader_workers=0", "baseline.epochs=15", "baseline.lr=0.05", "retrain.epochs=12",
                    "retrain.lr=0.02", "retrain.l1=1e-3", "retrain.group_l1=5e-3", "prune.rule=channels+std",
-                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.75", "compress.max_top1_drop=1.0",
-                   "finetune.epochs=15", "finetune.lr=0.02",
+                   "prune.s=1.25", "prune.target_dense_macs_reduction=0.75", "finetune.epochs=15", "finetune.lr=0.02",
                    "evaluate.latency_batch_sizes=[1,64]", "evaluate.latency_repeats=20"),
         note="REDUCED: VGG16 with every conv at 1/4 width (16..128 channels), 5,000 training images "
              "(class-balanced subset), 1,000 validation images held out of the training set, the full "
              "10,000-image test split, 32x32; epochs baseline 15 / retrain 12 / fine-tune 15; the short schedule "
              "uses a stronger sparsity recipe than the paper (L1 1e-3 + group lasso 5e-3, channels to -75% dense "
-             "MACs in the accuracy budget's steps (compress.max_top1_drop=1.0: -30/-50/-60/-70/-75%, 2 fine-tuning "
-             "epochs each, so PENNI's channel-pruned models get 10 more epochs than Torch-Pruning's), then the std "
-             "rule at s=1.25) instead of the paper's L1 1e-4 over 100 epochs"),
+             "MACs, then the std rule at s=1.25) instead of the paper's L1 1e-4 over 100 epochs"),
     "tiny": Scale(
         models=("vgg16",), width=0.125, round_to=None,
         overrides=("data.train_subset=128", "data.val_subset=64", "data.test_subset=128", "data.batch_size=32",
