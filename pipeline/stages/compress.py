@@ -164,7 +164,7 @@ def _fine_tune(ctx: Any, model: nn.Module, k: int, root: Path, training: StageTr
 
 
 def _step(ctx: Any, k: int, target: float, previous: nn.Module, original_macs: int, splits, root: Path,
-          training: StageTraining, reference: tuple[float, float]) -> tuple[nn.Module, dict]:
+          training: StageTraining) -> tuple[nn.Module, dict]:
     """Step ``k``: prune to ``target`` of the original cost, shrink, BatchNorm, fine-tune, validate, commit."""
     cfg, n = ctx.cfg, len(compress_steps(ctx.cfg))
     found = _reused_step(root / f"step_{k}")
@@ -187,8 +187,6 @@ def _step(ctx: Any, k: int, target: float, previous: nn.Module, original_macs: i
     record = {"step": k, "target_dense_macs_reduction": target, "dense_macs": prof.dense_macs,
               "sparse_macs": prof.sparse_macs, "dense_macs_reduction": 1.0 - prof.dense_macs / original_macs,
               "sparse_macs_reduction": 1.0 - prof.sparse_macs / original_macs, "val_top1": top1,
-              "top1_drop_points": 100.0 * (reference[0] - top1),
-              "top1_drop_vs_reference_points": 100.0 * (step_reference(*reference) - top1),
               "val_top1_before_fine_tuning": untuned,
               "fine_tuned": model is tuned}
     _commit_step(root / f"step_{k}", model, record)
@@ -224,9 +222,8 @@ def progressive_prune(ctx: Any, model: nn.Module, splits, training: StageTrainin
     root.mkdir(parents=True, exist_ok=True)
     records, chosen, chosen_model, current = [], -1, model, model
     for k, target in enumerate(compress_steps(cfg)):
-        current, record = _step(ctx, k, target, current, original, splits, root, training,
-                                (baseline_top1, start_top1))
-        record = {**record, "top1_drop_points": 100.0 * (baseline_top1 - record["val_top1"]),  # a reused step's too
+        current, record = _step(ctx, k, target, current, original, splits, root, training)
+        record = {**record, "top1_drop_points": 100.0 * (baseline_top1 - record["val_top1"]),
                   "top1_drop_vs_reference_points": 100.0 * (reference - record["val_top1"])}
         records.append(record)
         _log_point(ctx, record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -24,25 +25,36 @@ def blocked(n: int) -> int:
     return BLOCK * math.ceil(n / BLOCK)
 
 
-def fake_ms(module: nn.Module, inputs: tuple) -> float:
-    """Deterministic ms: per conv/linear, MACs with channels rounded up to blocks of 8 (linear in them and in their
-    square root: not bilinear in the widths), plus 0.02 ms per layer."""
+def _per_layer_ms(module: nn.Module, inputs: tuple, layer_ms: Callable[[nn.Module, torch.Tensor], float]) -> float:
+    """Sum of ``layer_ms(layer, output)`` over the conv/linear layers, run on the meta device (shapes only: no
+    arithmetic, so the tests stay fast)."""
     found = []
-
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        per_in = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
-        taps = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
-        pixels = out[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-        macs = out.shape[0] * pixels * taps * blocked(out.shape[1]) * blocked(per_in)
-        found.append(0.02 + macs * 1e-6 + math.sqrt(macs) * 1e-3)
-
-    shapes = copy.deepcopy(module).to("meta")  # shapes only: no arithmetic, so the tests stay fast
+    shapes = copy.deepcopy(module).to("meta")
     for m in shapes.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.register_forward_hook(hook)
+            m.register_forward_hook(lambda m, args, out: found.append(layer_ms(m, out)))
     with torch.no_grad():
         shapes(*(x.to("meta") for x in inputs))
     return sum(found)
+
+
+def _shape(m: nn.Module, out: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch x pixels, kernel taps, output channels, input channels per group) of one layer's call."""
+    per_in = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
+    taps = math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
+    pixels = out[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+    return out.shape[0] * pixels, taps, out.shape[1], per_in
+
+
+def fake_ms(module: nn.Module, inputs: tuple) -> float:
+    """Deterministic ms: per conv/linear, MACs with channels rounded up to blocks of 8 (linear in them and in their
+    square root: not bilinear in the widths), plus 0.02 ms per layer."""
+    def layer(m: nn.Module, out: torch.Tensor) -> float:
+        pixels, taps, cout, cin = _shape(m, out)
+        macs = pixels * taps * blocked(cout) * blocked(cin)
+        return 0.02 + macs * 1e-6 + math.sqrt(macs) * 1e-3
+
+    return _per_layer_ms(module, inputs, layer)
 
 
 def small_net() -> nn.Module:
@@ -164,20 +176,11 @@ def _has(module: str) -> bool:
 
 def floored_ms(module: nn.Module, inputs: tuple) -> float:
     """A launch-bound device: every layer costs what it would at 32 channels once it is narrower (GPU-like)."""
-    found = []
+    def layer(m: nn.Module, out: torch.Tensor) -> float:
+        pixels, _, cout, cin = _shape(m, out)
+        return 0.02 + pixels * max(cout, 32) * max(cin, 32) * 1e-6
 
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        per_in = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
-        pixels = out[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-        found.append(0.02 + out.shape[0] * pixels * max(out.shape[1], 32) * max(per_in, 32) * 1e-6)
-
-    shapes = copy.deepcopy(module).to("meta")
-    for m in shapes.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.register_forward_hook(hook)
-    with torch.no_grad():
-        shapes(*(x.to("meta") for x in inputs))
-    return sum(found)
+    return _per_layer_ms(module, inputs, layer)
 
 
 def test_unreachable_target_prunes_only_what_saves_latency(resnet18):
